@@ -1,0 +1,629 @@
+//! The HTTP API of one node: requests in, store and state calls out.
+//! Owns the meaning of each method (SPEC "HTTP API"), the response headers
+//! and the order of durability steps for PUT and DELETE. It never touches
+//! the disk or the database directly; it calls `store` (on blocking
+//! threads) and `state`.
+
+pub mod precondition;
+pub mod range;
+pub mod server;
+
+use std::io;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use bytes::{Bytes, BytesMut};
+use futures_util::StreamExt;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::combinators::BoxBody;
+use http_body_util::{BodyExt, Empty, Full, StreamBody};
+use hyper::body::{Frame, Incoming};
+use sha1::{Digest, Sha1};
+use tokio::sync::{Mutex, MutexGuard};
+
+use crate::config::{Config, VERSION};
+use crate::error::Error;
+use crate::name::{self, Purpose};
+use crate::replicate::Stats;
+use crate::state::{DeleteRecord, PutRecord, State};
+use crate::store::{Entry, Placed, Store, TempFile};
+
+pub type Body = BoxBody<Bytes, io::Error>;
+
+/// Files up to this size are read in the same blocking call that opens them.
+const SMALL_FILE: u64 = 128 * 1024;
+/// Chunk size for streaming large files and for writing uploads.
+const CHUNK: usize = crate::store::CHUNK;
+const ALLOW_FILE: &str = "GET, HEAD, PUT, DELETE";
+const ALLOW_STATUS: &str = "GET, HEAD";
+const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+static X_CONTENT_SHA1: HeaderName = HeaderName::from_static("x-content-sha1");
+
+/// Everything a request handler needs; shared by all connections.
+pub struct Api {
+    store: Arc<Store>,
+    state: State,
+    config: Arc<Config>,
+    locks: NameLocks,
+    token_hash: Option<[u8; 20]>,
+    stats: Stats,
+    server_header: HeaderValue,
+}
+
+impl Api {
+    pub fn new(store: Arc<Store>, state: State, config: Arc<Config>, stats: Stats) -> Api {
+        let token_hash = config.token.as_deref().map(sha1_of);
+        Api {
+            store,
+            state,
+            config,
+            locks: NameLocks::new(),
+            token_hash,
+            stats,
+            server_header: HeaderValue::from_static(concat!(
+                "cockatiel/",
+                env!("CARGO_PKG_VERSION")
+            )),
+        }
+    }
+
+    /// Answer one request; never fails (errors become responses).
+    pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
+        let method = req.method().clone();
+        let mut resp = match self.route(req).await {
+            Ok(resp) => resp,
+            Err(e) => error_response(&e),
+        };
+        if method == Method::HEAD {
+            // Same headers as GET, no body (Content-Length stays as set).
+            *resp.body_mut() = empty();
+        }
+        resp.headers_mut()
+            .insert(header::SERVER, self.server_header.clone());
+        resp
+    }
+
+    async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let purpose = if req.method() == Method::PUT {
+            Purpose::Put
+        } else {
+            Purpose::Read
+        };
+        let name = name::from_path(req.uri().path(), purpose)?;
+        if name::is_reserved(&name) {
+            return match (req.method(), name.as_str()) {
+                (&Method::GET | &Method::HEAD, "_status") => self.status().await,
+                (&Method::GET | &Method::HEAD, _) => Err(Error::NotFound),
+                _ => Err(Error::MethodNotAllowed(ALLOW_STATUS)),
+            };
+        }
+        match *req.method() {
+            Method::GET | Method::HEAD => self.get(&name, &req).await,
+            Method::PUT => {
+                self.authorize(req.headers())?;
+                self.put(name, req).await
+            }
+            Method::DELETE => {
+                self.authorize(req.headers())?;
+                self.delete(&name).await
+            }
+            _ => Err(Error::MethodNotAllowed(ALLOW_FILE)),
+        }
+    }
+
+    /// Constant-time check of `Authorization: Bearer <token>` when a token is set.
+    fn authorize(&self, headers: &HeaderMap) -> Result<(), Error> {
+        let Some(expected) = &self.token_hash else {
+            return Ok(());
+        };
+        let given = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "))
+            .map(|t| t.trim());
+        // Comparing hashes keeps the time independent of where the strings differ.
+        let given = sha1_of(given.unwrap_or(""));
+        let diff = given
+            .iter()
+            .zip(expected.iter())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b));
+        if diff == 0 {
+            Ok(())
+        } else {
+            Err(Error::Unauthorized)
+        }
+    }
+
+    async fn get(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
+        let store = self.store.clone();
+        let owned = name.to_string();
+        let want_body = req.method() == Method::GET;
+        let opened = blocking(move || -> Result<_, Error> {
+            let Some((file, stat)) = store.open_file(&owned)? else {
+                return Ok(None);
+            };
+            let len = u64::try_from(stat.st_size).unwrap_or(0);
+            let small = if want_body && len <= SMALL_FILE {
+                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+                io::Read::read_to_end(&mut io::Read::take(&file, len), &mut buf)
+                    .map_err(crate::store::StoreError::from)?;
+                Some(Bytes::from(buf))
+            } else {
+                None
+            };
+            Ok(Some((file, stat, small)))
+        })
+        .await??;
+        let Some((file, stat, small)) = opened else {
+            return Err(Error::NotFound);
+        };
+        let len = small
+            .as_ref()
+            .map_or(u64::try_from(stat.st_size).unwrap_or(0), |b| b.len() as u64);
+        let mtime = UNIX_EPOCH + Duration::from_secs(u64::try_from(stat.st_mtime).unwrap_or(0));
+        let sha1 = name::content_sha1(name);
+        let etag = sha1.as_ref().map(|s| format!("\"{s}\""));
+
+        let mut headers = HeaderMap::new();
+        if let Some(etag) = &etag {
+            headers.insert(header::ETAG, hv(etag));
+        }
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static(CACHE_CONTROL),
+        );
+        headers.insert(header::LAST_MODIFIED, hv(&httpdate::fmt_http_date(mtime)));
+
+        if not_modified(req.headers(), etag.as_deref(), mtime) {
+            let mut resp = Response::new(empty());
+            *resp.status_mut() = StatusCode::NOT_MODIFIED;
+            *resp.headers_mut() = headers;
+            return Ok(resp);
+        }
+
+        let mime = mime_guess::from_path(name).first_or_octet_stream();
+        headers.insert(header::CONTENT_TYPE, hv(mime.essence_str()));
+        if let Some(sha1) = &sha1 {
+            headers.insert(X_CONTENT_SHA1.clone(), hv(sha1));
+        }
+        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+
+        let mut status = StatusCode::OK;
+        let (mut start, mut end) = (0, len.saturating_sub(1));
+        if let Some(range) = req
+            .headers()
+            .get(header::RANGE)
+            .and_then(|v| v.to_str().ok())
+        {
+            if want_body && if_range_allows(req.headers(), etag.as_deref(), mtime) {
+                match range::evaluate(range, len) {
+                    range::RangeAnswer::Full => {}
+                    range::RangeAnswer::Partial { start: s, end: e } => {
+                        status = StatusCode::PARTIAL_CONTENT;
+                        (start, end) = (s, e);
+                        headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {s}-{e}/{len}")));
+                    }
+                    range::RangeAnswer::Unsatisfiable => {
+                        let mut resp = text(
+                            StatusCode::RANGE_NOT_SATISFIABLE,
+                            "the range is outside the file",
+                        );
+                        resp.headers_mut()
+                            .insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
+                        return Ok(resp);
+                    }
+                }
+            }
+        }
+        let count = if len == 0 { 0 } else { end - start + 1 };
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+        let body = match small {
+            Some(bytes) => {
+                let (s, e) = (start as usize, (start + count) as usize);
+                Full::new(bytes.slice(s..e))
+                    .map_err(|never| match never {})
+                    .boxed()
+            }
+            None if want_body => file_body(file, start, count),
+            None => empty(),
+        };
+        let mut resp = Response::new(body);
+        *resp.status_mut() = status;
+        *resp.headers_mut() = headers;
+        Ok(resp)
+    }
+
+    async fn put(&self, name: String, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let expected = match req.headers().get(&X_CONTENT_SHA1) {
+            Some(v) => {
+                let v = v.to_str().map_err(|_| Error::BadSha1Header)?.trim();
+                if !name::is_sha1_hex(v) {
+                    return Err(Error::BadSha1Header);
+                }
+                Some(v.to_ascii_lowercase())
+            }
+            None => None,
+        };
+        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
+            let len: u64 = len
+                .to_str()
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+                .ok_or(Error::BadContentLength)?;
+            if let Some(max) = self.config.max_size {
+                if len > max {
+                    return Err(Error::TooLarge(max));
+                }
+            }
+        }
+        // A replica sent to the name it already has: answer before the body
+        // travels (it would change nothing).
+        if let Some(sha) = &expected {
+            if name::content_sha1(&name).as_deref() == Some(sha.as_str()) {
+                let (store, state, n) = (self.store.clone(), self.state.clone(), name.clone());
+                let known = blocking(move || -> Result<_, Error> {
+                    if state.is_deleted(&n)? {
+                        return Ok(Some(Err(Error::Deleted)));
+                    }
+                    Ok(store.open_file(&n)?.map(|_| Ok(())))
+                })
+                .await??;
+                match known {
+                    Some(Err(e)) => return Err(e),
+                    Some(Ok(())) => return Ok(located(StatusCode::FOUND, &name)),
+                    None => {}
+                }
+            }
+        }
+
+        let (temp, tail, sha1) = self.receive(req.into_body()).await?;
+        if let Some(expected) = expected {
+            if expected != sha1 {
+                return Err(Error::Sha1Mismatch {
+                    expected,
+                    actual: sha1,
+                });
+            }
+        }
+        let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
+        let _guard = self.locks.lock(&stored).await;
+
+        // Finish the temp file, refusing early what would change nothing.
+        let (store, state, n) = (self.store.clone(), self.state.clone(), stored.clone());
+        let prepared = blocking(move || -> Result<_, Error> {
+            let mut temp = match temp {
+                Some(t) => t,
+                None => store.create_temp()?,
+            };
+            temp.write_all(&tail)?;
+            if state.is_deleted(&n)? {
+                return Err(Error::Deleted);
+            }
+            let prepared = store.prepare(&n)?;
+            match prepared.existing {
+                Entry::File => return Ok(None),
+                Entry::Other => return Err(crate::store::StoreError::NotAFile.into()),
+                Entry::Absent => {}
+            }
+            temp.sync()?;
+            Ok(Some((temp, prepared)))
+        })
+        .await??;
+        let Some((mut temp, mut prepared)) = prepared else {
+            return Ok(located(StatusCode::FOUND, &stored));
+        };
+        // Durably queue replication before the name becomes visible.
+        if self.state.put(&stored).await? == PutRecord::Deleted {
+            return Err(Error::Deleted);
+        }
+        let (store, n) = (self.store.clone(), stored.clone());
+        let placed = blocking(move || -> Result<Placed, Error> {
+            // A concurrent deletion may prune the parent directory between
+            // prepare and rename; make it again and retry.
+            for _ in 0..8 {
+                match store.place(&mut temp, &prepared)? {
+                    Placed::ParentGone => prepared = store.prepare(&n)?,
+                    other => return Ok(other),
+                }
+            }
+            Ok(Placed::ParentGone)
+        })
+        .await??;
+        match placed {
+            Placed::New => Ok(located(StatusCode::CREATED, &stored)),
+            Placed::AlreadyThere => Ok(located(StatusCode::FOUND, &stored)),
+            Placed::ParentGone => Err(Error::Task(
+                "the parent directory kept disappearing during the upload".into(),
+            )),
+        }
+    }
+
+    /// Read the body, hashing as it arrives and writing large bodies to a
+    /// temp file in big chunks. Returns the temp file (if one was needed),
+    /// the unwritten tail, and the SHA1 in lower-case hex.
+    async fn receive(
+        &self,
+        mut body: Incoming,
+    ) -> Result<(Option<TempFile>, BytesMut, String), Error> {
+        let mut hasher = Sha1::new();
+        let mut buf = BytesMut::new();
+        let mut temp: Option<TempFile> = None;
+        let mut total: u64 = 0;
+        let timeout = self.config.read_timeout;
+        loop {
+            let frame = match tokio::time::timeout(timeout, body.frame()).await {
+                Err(_) => return Err(Error::ReadTimeout(timeout.as_secs())),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
+                Ok(Some(Ok(frame))) => frame,
+            };
+            let Ok(data) = frame.into_data() else {
+                continue;
+            };
+            total += data.len() as u64;
+            if let Some(max) = self.config.max_size {
+                if total > max {
+                    return Err(Error::TooLarge(max));
+                }
+            }
+            hasher.update(&data);
+            buf.extend_from_slice(&data);
+            if buf.len() >= CHUNK {
+                let chunk = buf.split().freeze();
+                let store = self.store.clone();
+                let t = temp.take();
+                temp = Some(
+                    blocking(move || -> Result<TempFile, Error> {
+                        let mut t = match t {
+                            Some(t) => t,
+                            None => store.create_temp()?,
+                        };
+                        t.write_all(&chunk)?;
+                        Ok(t)
+                    })
+                    .await??,
+                );
+            }
+        }
+        Ok((temp, buf, hex(&hasher.finalize())))
+    }
+
+    async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
+        let _guard = self.locks.lock(name).await;
+        let record = self.state.delete(name).await?;
+        let (store, n) = (self.store.clone(), name.to_string());
+        let existed = blocking(move || store.remove(&n)).await??;
+        if record == DeleteRecord::New {
+            self.state.unlinked(name);
+        }
+        Ok(if existed {
+            text(StatusCode::OK, "deleted")
+        } else {
+            text(StatusCode::NOT_FOUND, "not found (deletion recorded)")
+        })
+    }
+
+    async fn status(&self) -> Result<Response<Body>, Error> {
+        let state = self.state.clone();
+        let queues = blocking(move || state.queues()).await??;
+        let now = crate::state::unix_now();
+        let mut map = serde_json::Map::new();
+        for q in queues {
+            let mut entry = serde_json::json!({
+                "length": q.length,
+                "oldest_age_seconds": q.oldest.map(|t| now.saturating_sub(t)),
+            });
+            if let (Some(obj), Some(s)) = (entry.as_object_mut(), self.stats.get(&q.neighbour)) {
+                obj.insert("last_success".into(), s.last_success.into());
+                obj.insert("last_error".into(), s.last_error.into());
+                obj.insert("last_error_at".into(), s.last_error_at.into());
+                obj.insert("in_flight".into(), s.in_flight.into());
+                obj.insert("retry_in_seconds".into(), s.retry_in.into());
+            }
+            map.insert(q.neighbour, entry);
+        }
+        let body = serde_json::json!({
+            "queues": map,
+            "url": self.config.url,
+            "version": VERSION,
+        });
+        let mut resp = Response::new(full(body.to_string() + "\n"));
+        resp.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        resp.headers_mut()
+            .insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
+        Ok(resp)
+    }
+}
+
+/// 304 per RFC 9110 §13.2.2: If-None-Match decides when present, otherwise If-Modified-Since.
+fn not_modified(headers: &HeaderMap, etag: Option<&str>, mtime: SystemTime) -> bool {
+    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
+        let Ok(inm) = inm.to_str() else { return false };
+        return match etag {
+            Some(etag) => precondition::none_match(inm, etag),
+            None => inm.trim() == "*",
+        };
+    }
+    if let Some(ims) = headers
+        .get(header::IF_MODIFIED_SINCE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| httpdate::parse_http_date(v).ok())
+    {
+        return truncate_secs(mtime) <= ims;
+    }
+    false
+}
+
+/// If-Range (RFC 9110 §13.1.5): the range applies only if the validator still matches.
+fn if_range_allows(headers: &HeaderMap, etag: Option<&str>, mtime: SystemTime) -> bool {
+    let Some(v) = headers.get(header::IF_RANGE).and_then(|v| v.to_str().ok()) else {
+        return true;
+    };
+    let v = v.trim();
+    if v.starts_with('"') {
+        return etag == Some(v);
+    }
+    httpdate::parse_http_date(v).is_ok_and(|d| d == truncate_secs(mtime))
+}
+
+fn truncate_secs(t: SystemTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(t.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs()))
+}
+
+/// The response body for `count` bytes of `file` from `start`.
+fn file_body(file: std::fs::File, start: u64, count: u64) -> Body {
+    BodyExt::boxed(StreamBody::new(
+        crate::store::file_stream(file, start, count).map(|r| r.map(Frame::data)),
+    ))
+}
+
+/// Run blocking file-system work off the async workers.
+async fn blocking<T, F>(f: F) -> Result<T, Error>
+where
+    F: FnOnce() -> T + Send + 'static,
+    T: Send + 'static,
+{
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Task(e.to_string()))
+}
+
+fn located(status: StatusCode, stored: &str) -> Response<Body> {
+    let location = name::location(stored);
+    let mut resp = text(status, &location);
+    resp.headers_mut().insert(header::LOCATION, hv(&location));
+    resp
+}
+
+/// The response for an error: its status and its one-line reason.
+pub fn error_response(e: &Error) -> Response<Body> {
+    let status = e.status();
+    if status.is_server_error() {
+        tracing::error!("{e}");
+    }
+    let mut resp = text(status, &e.to_string());
+    match e {
+        Error::MethodNotAllowed(allow) => {
+            resp.headers_mut()
+                .insert(header::ALLOW, HeaderValue::from_static(allow));
+        }
+        Error::Unauthorized => {
+            resp.headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+        }
+        // The body was not (fully) read: the connection cannot be reused.
+        Error::ReadTimeout(_) | Error::TooLarge(_) | Error::BodyRead(_) => {
+            resp.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        }
+        _ => {}
+    }
+    resp
+}
+
+fn text(status: StatusCode, msg: &str) -> Response<Body> {
+    let mut resp = Response::new(full(format!("{msg}\n")));
+    *resp.status_mut() = status;
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    resp
+}
+
+fn full(s: String) -> Body {
+    Full::new(Bytes::from(s))
+        .map_err(|never| match never {})
+        .boxed()
+}
+
+fn empty() -> Body {
+    Empty::new().map_err(|never| match never {}).boxed()
+}
+
+/// A header value from text we built; anything unrepresentable is dropped to empty.
+fn hv(s: &str) -> HeaderValue {
+    HeaderValue::from_str(s).unwrap_or_else(|_| HeaderValue::from_static(""))
+}
+
+fn sha1_of(s: &str) -> [u8; 20] {
+    Sha1::digest(s.as_bytes()).into()
+}
+
+pub fn hex(bytes: &[u8]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(HEX[usize::from(b >> 4)] as char);
+        s.push(HEX[usize::from(b & 15)] as char);
+    }
+    s
+}
+
+/// Striped locks over names: a PUT and a DELETE of the same name never
+/// interleave their commit-and-rename / commit-and-unlink steps, so a
+/// deletion can never be overtaken by the rename of a concurrent upload.
+struct NameLocks {
+    stripes: Vec<Mutex<()>>,
+}
+
+impl NameLocks {
+    fn new() -> NameLocks {
+        NameLocks {
+            stripes: (0..256).map(|_| Mutex::new(())).collect(),
+        }
+    }
+
+    async fn lock(&self, name: &str) -> MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        let i = (h.finish() % self.stripes.len() as u64) as usize;
+        self.stripes[i].lock().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_encodes() {
+        assert_eq!(hex(&[0, 15, 255]), "000fff");
+    }
+
+    #[test]
+    fn conditional_get_rules() {
+        let mtime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let etag = Some("\"abc\"");
+        let mut h = HeaderMap::new();
+        assert!(!not_modified(&h, etag, mtime));
+        h.insert(
+            header::IF_MODIFIED_SINCE,
+            hv(&httpdate::fmt_http_date(mtime)),
+        );
+        assert!(not_modified(&h, etag, mtime));
+        // If-None-Match wins over If-Modified-Since.
+        h.insert(header::IF_NONE_MATCH, hv("\"other\""));
+        assert!(!not_modified(&h, etag, mtime));
+        h.insert(header::IF_NONE_MATCH, hv("W/\"abc\""));
+        assert!(not_modified(&h, etag, mtime));
+    }
+
+    #[test]
+    fn if_range_needs_the_current_validator() {
+        let mtime = UNIX_EPOCH + Duration::from_secs(1_700_000_000);
+        let mut h = HeaderMap::new();
+        assert!(if_range_allows(&h, Some("\"abc\""), mtime));
+        h.insert(header::IF_RANGE, hv("\"abc\""));
+        assert!(if_range_allows(&h, Some("\"abc\""), mtime));
+        h.insert(header::IF_RANGE, hv("\"old\""));
+        assert!(!if_range_allows(&h, Some("\"abc\""), mtime));
+        h.insert(header::IF_RANGE, hv(&httpdate::fmt_http_date(mtime)));
+        assert!(if_range_allows(&h, Some("\"abc\""), mtime));
+    }
+}

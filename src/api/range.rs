@@ -1,0 +1,185 @@
+//! `Range` request headers (RFC 9110 §14): parse a header against a file
+//! length into what to send. Pure; the handler does the I/O.
+
+/// What to answer for a `Range` header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RangeAnswer {
+    /// Ignore the header and send the whole file (invalid syntax, other
+    /// units, or several ranges that do not merge into one).
+    Full,
+    /// 206 with bytes `start..=end`.
+    Partial { start: u64, end: u64 },
+    /// 416: no range overlaps the file.
+    Unsatisfiable,
+}
+
+/// More ranges than this in one header is abuse; the header is ignored.
+const MAX_RANGES: usize = 64;
+
+/// Evaluate a `Range` header value for a file of `len` bytes.
+pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
+    let Some((unit, set)) = header.trim().split_once('=') else {
+        return RangeAnswer::Full;
+    };
+    if !unit.trim().eq_ignore_ascii_case("bytes") {
+        return RangeAnswer::Full;
+    }
+    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    let mut count = 0;
+    for spec in set.split(',') {
+        let spec = spec.trim();
+        if spec.is_empty() {
+            continue; // RFC 9110 list syntax allows empty elements
+        }
+        count += 1;
+        if count > MAX_RANGES {
+            return RangeAnswer::Full;
+        }
+        let Some(parsed) = parse_spec(spec) else {
+            return RangeAnswer::Full;
+        };
+        if let Some(r) = resolve(parsed, len) {
+            ranges.push(r);
+        }
+    }
+    if count == 0 {
+        return RangeAnswer::Full;
+    }
+    if ranges.is_empty() {
+        return RangeAnswer::Unsatisfiable;
+    }
+    // Several ranges are served only when they merge into one; otherwise
+    // the whole file (RFC 9110 lets a server ignore Range).
+    ranges.sort_unstable();
+    let (start, mut end) = ranges[0];
+    for &(s, e) in &ranges[1..] {
+        if s > end.saturating_add(1) {
+            return RangeAnswer::Full;
+        }
+        end = end.max(e);
+    }
+    RangeAnswer::Partial { start, end }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Spec {
+    /// `first-` or `first-last`
+    From(u64, Option<u64>),
+    /// `-suffix`
+    Suffix(u64),
+}
+
+fn parse_spec(spec: &str) -> Option<Spec> {
+    let (first, last) = spec.split_once('-')?;
+    let num = |s: &str| -> Option<u64> {
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            None
+        } else {
+            // Saturate absurdly long numbers instead of refusing them.
+            Some(s.parse().unwrap_or(u64::MAX))
+        }
+    };
+    if first.is_empty() {
+        return Some(Spec::Suffix(num(last)?));
+    }
+    let first = num(first)?;
+    if last.is_empty() {
+        return Some(Spec::From(first, None));
+    }
+    let last = num(last)?;
+    if last < first {
+        return None;
+    }
+    Some(Spec::From(first, Some(last)))
+}
+
+fn resolve(spec: Spec, len: u64) -> Option<(u64, u64)> {
+    match spec {
+        Spec::From(first, last) => {
+            if first >= len {
+                return None;
+            }
+            let end = last.map_or(len - 1, |l| l.min(len - 1));
+            Some((first, end))
+        }
+        Spec::Suffix(0) => None,
+        Spec::Suffix(n) => {
+            if len == 0 {
+                return None;
+            }
+            Some((len.saturating_sub(n), len - 1))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use RangeAnswer::*;
+
+    #[test]
+    fn single_ranges() {
+        assert_eq!(evaluate("bytes=0-3", 10), Partial { start: 0, end: 3 });
+        assert_eq!(evaluate("bytes=5-", 10), Partial { start: 5, end: 9 });
+        assert_eq!(evaluate("bytes=-4", 10), Partial { start: 6, end: 9 });
+        assert_eq!(evaluate("bytes=-40", 10), Partial { start: 0, end: 9 });
+        assert_eq!(evaluate("bytes=8-100", 10), Partial { start: 8, end: 9 });
+        assert_eq!(evaluate("BYTES = 1-1", 10), Partial { start: 1, end: 1 });
+    }
+
+    #[test]
+    fn unsatisfiable() {
+        assert_eq!(evaluate("bytes=10-", 10), Unsatisfiable);
+        assert_eq!(evaluate("bytes=1000-2000", 10), Unsatisfiable);
+        assert_eq!(evaluate("bytes=-0", 10), Unsatisfiable);
+        assert_eq!(evaluate("bytes=0-", 0), Unsatisfiable);
+        assert_eq!(evaluate("bytes=-5", 0), Unsatisfiable);
+        assert_eq!(evaluate("bytes=20-30,40-", 10), Unsatisfiable);
+    }
+
+    #[test]
+    fn invalid_syntax_is_ignored() {
+        for h in [
+            "",
+            "bytes",
+            "bytes=",
+            "bytes=a-b",
+            "bytes=5-2",
+            "items=0-1",
+            "bytes=--1",
+            "bytes=1",
+            "bytes=0-1,x",
+        ] {
+            assert_eq!(evaluate(h, 10), Full, "{h:?}");
+        }
+    }
+
+    #[test]
+    fn multiple_ranges_merge_or_fall_back_to_full() {
+        assert_eq!(evaluate("bytes=0-1,2-3", 10), Partial { start: 0, end: 3 });
+        assert_eq!(evaluate("bytes=4-6,0-5", 10), Partial { start: 0, end: 6 });
+        assert_eq!(
+            evaluate("bytes=0-1,50-60", 10),
+            Partial { start: 0, end: 1 }
+        );
+        assert_eq!(evaluate("bytes=0-1,5-6", 10), Full);
+        let many = format!("bytes={}", vec!["0-1"; 65].join(","));
+        assert_eq!(evaluate(&many, 10), Full);
+    }
+
+    #[test]
+    fn huge_numbers_do_not_overflow() {
+        assert_eq!(
+            evaluate("bytes=0-99999999999999999999999", 10),
+            Partial { start: 0, end: 9 }
+        );
+        assert_eq!(
+            evaluate("bytes=99999999999999999999999-", 10),
+            Unsatisfiable
+        );
+        assert_eq!(
+            evaluate("bytes=-99999999999999999999999", 10),
+            Partial { start: 0, end: 9 }
+        );
+    }
+}

@@ -1,0 +1,317 @@
+//! The command line: flags, their defaults, and the checks that turn them
+//! into a `Config`. Owns nothing at run time; never opens files or sockets
+//! (except reading `--token-file`).
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// The server's version, sent in `Server` and `User-Agent`.
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");
+
+/// A replicating file server: every node keeps every file.
+#[derive(Debug, Parser)]
+#[command(name = "cockatiel", version, about)]
+pub struct Cli {
+    /// Port to listen on.
+    #[arg(short = 'p', long, default_value_t = 8080)]
+    pub port: u16,
+    /// Address to listen on (0.0.0.0 to serve a network).
+    #[arg(short = 'H', long, default_value = "127.0.0.1")]
+    pub host: String,
+    /// Directory holding the stored files.
+    #[arg(long, default_value = "./data")]
+    pub storage: PathBuf,
+    /// Directory holding the node's state (deletion log, replication queues).
+    #[arg(long, default_value = "./queue")]
+    pub queue: PathBuf,
+    /// This node's own URL; a --node equal to it is skipped.
+    #[arg(long)]
+    pub url: Option<String>,
+    /// A neighbour's URL (repeat for each neighbour).
+    #[arg(long = "node")]
+    pub nodes: Vec<String>,
+    /// HTTP forward proxy for all outgoing replication.
+    #[arg(long)]
+    pub proxy: Option<String>,
+    /// More logging (-v: debug, -vv: trace).
+    #[arg(short = 'v', long, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Seconds without body bytes before a PUT gets 408.
+    #[arg(long, default_value = "60", value_parser = parse_seconds)]
+    pub read_timeout: Duration,
+    /// Seconds a client has to send its request headers.
+    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    pub header_timeout: Duration,
+    /// Largest accepted body (bytes, or with K/M/G/T suffix); unlimited when unset.
+    #[arg(long, value_parser = parse_size)]
+    pub max_size: Option<u64>,
+    /// Largest request head (request line and headers) in bytes; larger gets 431.
+    #[arg(long, default_value = "16K", value_parser = parse_size)]
+    pub max_header_size: u64,
+    /// Most connections served at once; further ones wait to be accepted.
+    #[arg(long, default_value_t = 4096)]
+    pub max_connections: usize,
+    /// Bearer token required for PUT and DELETE (also COCKATIEL_TOKEN).
+    #[arg(long, env = "COCKATIEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File whose first line is the token.
+    #[arg(long, conflicts_with = "token")]
+    pub token_file: Option<PathBuf>,
+    /// Seconds to connect to a neighbour.
+    #[arg(long, default_value = "5", value_parser = parse_seconds)]
+    pub connect_timeout: Duration,
+    /// Seconds without progress before a replication request is given up and retried.
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub transfer_timeout: Duration,
+    /// First retry delay after a failed replication, in seconds (doubles each failure).
+    #[arg(long, default_value = "0.5", value_parser = parse_seconds)]
+    pub retry_min: Duration,
+    /// Longest retry delay, in seconds.
+    #[arg(long, default_value = "30", value_parser = parse_seconds)]
+    pub retry_max: Duration,
+    /// Replication requests in flight per neighbour.
+    #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub max_in_flight: u16,
+    /// Seconds that in-flight requests get to finish on SIGTERM/SIGINT.
+    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    pub shutdown_timeout: Duration,
+}
+
+/// Validated settings the node runs with.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub port: u16,
+    pub host: String,
+    pub storage: PathBuf,
+    pub queue: PathBuf,
+    pub url: Option<String>,
+    /// Neighbours, normalised, without this node's own URL, without duplicates.
+    pub neighbours: Vec<String>,
+    pub proxy: Option<String>,
+    pub verbose: u8,
+    pub read_timeout: Duration,
+    pub header_timeout: Duration,
+    pub max_size: Option<u64>,
+    pub max_header_size: usize,
+    pub max_connections: usize,
+    pub token: Option<String>,
+    pub connect_timeout: Duration,
+    pub transfer_timeout: Duration,
+    pub retry_min: Duration,
+    pub retry_max: Duration,
+    pub max_in_flight: usize,
+    pub shutdown_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("invalid URL {0:?}: expected http://host[:port]")]
+    BadUrl(String),
+    #[error("cannot read --token-file {0}: {1}")]
+    TokenFile(PathBuf, std::io::Error),
+    #[error("the token is empty")]
+    EmptyToken,
+    #[error("--retry-min must not be larger than --retry-max")]
+    RetryOrder,
+    #[error("--{0} must be larger than zero")]
+    Zero(&'static str),
+    #[error("--max-header-size must be at least 1K")]
+    HeaderSize,
+}
+
+impl Cli {
+    /// Check the flags and derive the running configuration.
+    pub fn into_config(self) -> Result<Config, ConfigError> {
+        let url = self.url.as_deref().map(normalize_url).transpose()?;
+        let mut neighbours: Vec<String> = Vec::new();
+        for node in &self.nodes {
+            let node = normalize_url(node)?;
+            if Some(&node) != url.as_ref() && !neighbours.contains(&node) {
+                neighbours.push(node);
+            }
+        }
+        let proxy = self.proxy.as_deref().map(normalize_url).transpose()?;
+        let token = match (self.token, &self.token_file) {
+            (Some(t), _) => Some(t),
+            (None, Some(path)) => {
+                let text = std::fs::read_to_string(path)
+                    .map_err(|e| ConfigError::TokenFile(path.clone(), e))?;
+                Some(text.lines().next().unwrap_or("").trim().to_string())
+            }
+            (None, None) => None,
+        };
+        if token.as_deref().is_some_and(str::is_empty) {
+            return Err(ConfigError::EmptyToken);
+        }
+        if self.retry_min > self.retry_max {
+            return Err(ConfigError::RetryOrder);
+        }
+        for (flag, d) in [
+            ("read-timeout", self.read_timeout),
+            ("header-timeout", self.header_timeout),
+            ("connect-timeout", self.connect_timeout),
+            ("transfer-timeout", self.transfer_timeout),
+            ("retry-min", self.retry_min),
+        ] {
+            if d.is_zero() {
+                return Err(ConfigError::Zero(flag));
+            }
+        }
+        if self.max_connections == 0 {
+            return Err(ConfigError::Zero("max-connections"));
+        }
+        if self.max_header_size < 1024 {
+            return Err(ConfigError::HeaderSize);
+        }
+        Ok(Config {
+            port: self.port,
+            host: self.host,
+            storage: self.storage,
+            queue: self.queue,
+            url,
+            neighbours,
+            proxy,
+            verbose: self.verbose,
+            read_timeout: self.read_timeout,
+            header_timeout: self.header_timeout,
+            max_size: self.max_size,
+            max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
+            max_connections: self.max_connections,
+            token,
+            connect_timeout: self.connect_timeout,
+            transfer_timeout: self.transfer_timeout,
+            retry_min: self.retry_min,
+            retry_max: self.retry_max,
+            max_in_flight: usize::from(self.max_in_flight),
+            shutdown_timeout: self.shutdown_timeout,
+        })
+    }
+}
+
+/// `http://Host:1/` and `http://host:1` name the same node: lower-case the
+/// scheme and host, drop a trailing slash.
+pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
+    let bad = || ConfigError::BadUrl(url.to_string());
+    let trimmed = url.trim();
+    let (scheme, rest) = trimmed.split_once("://").ok_or_else(bad)?;
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(bad());
+    }
+    let (authority, path) = match rest.find('/') {
+        Some(i) => rest.split_at(i),
+        None => (rest, ""),
+    };
+    if authority.is_empty() || authority.contains(char::is_whitespace) {
+        return Err(bad());
+    }
+    let path = path.trim_end_matches('/');
+    Ok(format!(
+        "{scheme}://{}{path}",
+        authority.to_ascii_lowercase()
+    ))
+}
+
+/// Seconds as a non-negative decimal number (`0.5`, `30`).
+pub fn parse_seconds(s: &str) -> Result<Duration, String> {
+    let secs: f64 = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if !secs.is_finite() || !(0.0..=1e9).contains(&secs) {
+        return Err(format!("{s:?} is not a usable number of seconds"));
+    }
+    Ok(Duration::from_secs_f64(secs))
+}
+
+/// Bytes, or a number with a K/M/G/T suffix in powers of 1024 (`10M`).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (digits, shift) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let shift = match c.to_ascii_uppercase() {
+                'K' => 10,
+                'M' => 20,
+                'G' => 30,
+                'T' => 40,
+                _ => return Err(format!("{s:?}: unknown size suffix (use K, M, G or T)")),
+            };
+            (&t[..i], shift)
+        }
+        _ => (t, 0),
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("{s:?} is not a size in bytes"))?;
+    n.checked_mul(1u64 << shift)
+        .ok_or_else(|| format!("{s:?} is too large"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("0"), Ok(0));
+        assert_eq!(parse_size("1500"), Ok(1500));
+        assert_eq!(parse_size("1K"), Ok(1024));
+        assert_eq!(parse_size("2m"), Ok(2 << 20));
+        assert_eq!(parse_size("3G"), Ok(3 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("1X").is_err());
+        assert!(parse_size("K").is_err());
+        assert!(parse_size("-1").is_err());
+        assert!(parse_size("99999999999T").is_err());
+    }
+
+    #[test]
+    fn seconds() {
+        assert_eq!(parse_seconds("0.5"), Ok(Duration::from_millis(500)));
+        assert_eq!(parse_seconds("30"), Ok(Duration::from_secs(30)));
+        assert!(parse_seconds("-1").is_err());
+        assert!(parse_seconds("nan").is_err());
+        assert!(parse_seconds("x").is_err());
+    }
+
+    #[test]
+    fn urls() {
+        assert_eq!(
+            normalize_url("http://LocalHost:9001/").unwrap(),
+            "http://localhost:9001"
+        );
+        assert_eq!(normalize_url("HTTP://a:1").unwrap(), "http://a:1");
+        assert!(normalize_url("localhost:9001").is_err());
+        assert!(normalize_url("ftp://a").is_err());
+        assert!(normalize_url("http://").is_err());
+    }
+
+    #[test]
+    fn own_url_and_duplicates_are_dropped_from_neighbours() {
+        let cli = Cli::parse_from([
+            "cockatiel",
+            "--url",
+            "http://127.0.0.1:1/",
+            "--node",
+            "http://127.0.0.1:1",
+            "--node",
+            "http://127.0.0.1:2",
+            "--node",
+            "http://127.0.0.1:2/",
+        ]);
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.neighbours, vec!["http://127.0.0.1:2".to_string()]);
+    }
+
+    #[test]
+    fn defaults_serve_local_data() {
+        let config = Cli::parse_from(["cockatiel"]).into_config().unwrap();
+        assert_eq!(config.port, 8080);
+        assert_eq!(config.host, "127.0.0.1");
+        assert_eq!(config.storage, PathBuf::from("./data"));
+        assert_eq!(config.read_timeout, Duration::from_secs(60));
+        assert!(config.max_size.is_none());
+    }
+}

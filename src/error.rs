@@ -1,0 +1,88 @@
+//! The crate's request error type and its mapping to HTTP status codes.
+//! `Error::status` is the one place where an error becomes a status; the
+//! message of each variant is the one-line reason sent to the client.
+
+use hyper::StatusCode;
+
+use crate::name::NameError;
+use crate::state::StateError;
+use crate::store::StoreError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error("X-Content-SHA1 must be 40 hexadecimal digits")]
+    BadSha1Header,
+    #[error("the body's SHA1 {actual} does not match X-Content-SHA1 {expected}")]
+    Sha1Mismatch { expected: String, actual: String },
+    #[error("invalid Content-Length")]
+    BadContentLength,
+    #[error("the request body could not be read: {0}")]
+    BodyRead(String),
+    #[error("no body data arrived for {0} seconds")]
+    ReadTimeout(u64),
+    #[error("the body is larger than the limit of {0} bytes")]
+    TooLarge(u64),
+    #[error("authorization required: send Authorization: Bearer <token>")]
+    Unauthorized,
+    #[error("method not allowed here; allowed: {0}")]
+    MethodNotAllowed(&'static str),
+    #[error("not found")]
+    NotFound,
+    #[error("this name was deleted in the cluster and cannot be stored again")]
+    Deleted,
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error("internal task failed: {0}")]
+    Task(String),
+}
+
+impl Error {
+    /// The HTTP status for this error.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Error::Name(_)
+            | Error::BadSha1Header
+            | Error::Sha1Mismatch { .. }
+            | Error::BadContentLength
+            | Error::BodyRead(_)
+            | Error::Store(StoreError::ParentNotDir | StoreError::NotAFile) => {
+                StatusCode::BAD_REQUEST
+            }
+            Error::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::Unauthorized => StatusCode::UNAUTHORIZED,
+            Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            Error::NotFound => StatusCode::NOT_FOUND,
+            Error::Deleted => StatusCode::CONFLICT,
+            Error::Store(StoreError::DiskFull) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::Store(StoreError::Io(_)) | Error::State(_) | Error::Task(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn client_mistakes_are_4xx_and_faults_5xx() {
+        assert_eq!(
+            Error::Name(NameError::Empty).status(),
+            StatusCode::BAD_REQUEST
+        );
+        assert_eq!(Error::Store(StoreError::DiskFull).status().as_u16(), 507);
+        assert_eq!(
+            Error::Store(StoreError::ParentNotDir).status().as_u16(),
+            400
+        );
+        assert_eq!(Error::Deleted.status().as_u16(), 409);
+        assert_eq!(Error::ReadTimeout(1).status().as_u16(), 408);
+        assert!(Error::Task("x".into()).status().is_server_error());
+    }
+}

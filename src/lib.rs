@@ -1,0 +1,91 @@
+//! cockatiel: a replicating file server. Every node keeps every file as a
+//! plain file in its storage directory, and its own state (deletion log,
+//! replication queues) in an embedded database.
+//!
+//! Module map: `config` (command line), `name` (stored-name rules),
+//! `store` (files on disk), `state` (the database), `api` (HTTP),
+//! `replicate` (sending to neighbours), `error` (errors → status codes).
+
+pub mod api;
+pub mod config;
+pub mod error;
+pub mod name;
+pub mod replicate;
+pub mod state;
+pub mod store;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use config::Config;
+
+/// Why a node could not start; each is said in one line.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("storage directory {0}: {1}")]
+    Storage(PathBuf, store::StoreError),
+    #[error("state directory {0}: {1}")]
+    State(PathBuf, state::StateError),
+    #[error("cannot listen on {0}: {1}")]
+    Listen(String, std::io::Error),
+    #[error("{0}")]
+    Replicate(#[from] replicate::ReplicateError),
+    #[error("finishing interrupted deletions: {0}")]
+    Recovery(String),
+}
+
+/// Open the storage and state, finish what a crash interrupted, then serve
+/// and replicate until `shutdown` resolves.
+pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+    let config = Arc::new(config);
+    let store = Arc::new(
+        store::Store::open(&config.storage)
+            .map_err(|e| StartError::Storage(config.storage.clone(), e))?,
+    );
+    let state = state::State::open(&config.queue, &config.neighbours)
+        .map_err(|e| StartError::State(config.queue.clone(), e))?;
+    finish_deletions(&store, &state)?;
+
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| StartError::Listen(addr.clone(), e))?;
+    let local: Option<SocketAddr> = listener.local_addr().ok();
+    if config.token.is_none() && local.is_some_and(|a| !a.ip().is_loopback()) {
+        tracing::warn!(
+            "listening on {addr} beyond loopback without a token: anyone who reaches it can write and delete (set --token)"
+        );
+    }
+    let stats = replicate::Stats::default();
+    let senders = replicate::start(&config, &state, &store, &stats)?;
+    tracing::info!(
+        "cockatiel {} serving {} on http://{addr} with {} neighbour(s)",
+        config::VERSION,
+        config.storage.display(),
+        config.neighbours.len()
+    );
+    let api = Arc::new(api::Api::new(store, state, config.clone(), stats));
+    api::server::serve(listener, api, &config, shutdown).await;
+    for s in senders {
+        s.abort();
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Unlink the files of deletions that were logged but maybe not carried
+/// out before a crash (DESIGN "At start").
+fn finish_deletions(store: &store::Store, state: &state::State) -> Result<(), StartError> {
+    let pending = state
+        .pending_unlinks()
+        .map_err(|e| StartError::Recovery(e.to_string()))?;
+    for name in pending {
+        store
+            .remove(&name)
+            .map_err(|e| StartError::Recovery(format!("{name}: {e}")))?;
+        state.unlinked(&name);
+    }
+    Ok(())
+}

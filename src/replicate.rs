@@ -1,0 +1,353 @@
+//! Replication to neighbours: one sender task per neighbour that reads the
+//! operation log after that neighbour's position, keeps a bounded number of
+//! requests in flight, advances the position as answers come back, and
+//! backs off while the neighbour fails. It wakes when the log grows and
+//! never polls. It never changes files or the deletion log: it only reads
+//! the log and stored files and records positions.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio::task::JoinSet;
+
+use crate::config::Config;
+use crate::name;
+use crate::state::{unix_now, Op, OpKind, State};
+use crate::store::{self, Store};
+
+/// The next retry delay after a failure: doubling from `min`, capped at `max`.
+pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
+    current.saturating_mul(2).clamp(min, max)
+}
+
+/// Live figures per neighbour for `/_status` (not persisted).
+#[derive(Debug, Clone, Default)]
+pub struct NeighbourStats {
+    pub last_success: Option<u64>,
+    pub last_error: Option<String>,
+    pub last_error_at: Option<u64>,
+    pub in_flight: usize,
+    /// Seconds until the next retry while backing off.
+    pub retry_in: Option<f64>,
+}
+
+/// Shared table of `NeighbourStats`.
+#[derive(Debug, Clone, Default)]
+pub struct Stats(Arc<Mutex<HashMap<String, NeighbourStats>>>);
+
+impl Stats {
+    pub fn get(&self, neighbour: &str) -> Option<NeighbourStats> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(neighbour).cloned()
+    }
+
+    fn update(&self, neighbour: &str, f: impl FnOnce(&mut NeighbourStats)) {
+        let mut map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        f(map.entry(neighbour.to_string()).or_default());
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicateError {
+    #[error("cannot build the HTTP client: {0}")]
+    Client(#[from] reqwest::Error),
+}
+
+/// Start one sender per neighbour.
+pub fn start(
+    config: &Arc<Config>,
+    state: &State,
+    store: &Arc<Store>,
+    stats: &Stats,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, ReplicateError> {
+    let mut builder = reqwest::Client::builder()
+        .connect_timeout(config.connect_timeout)
+        .user_agent(concat!("cockatiel/", env!("CARGO_PKG_VERSION")))
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(config.max_in_flight)
+        .redirect(reqwest::redirect::Policy::none());
+    builder = match &config.proxy {
+        Some(proxy) => builder.proxy(reqwest::Proxy::all(proxy.as_str())?),
+        // Never pick up a proxy from the environment unasked.
+        None => builder.no_proxy(),
+    };
+    let client = builder.build()?;
+    let mut handles = Vec::new();
+    for neighbour in &config.neighbours {
+        stats.update(neighbour, |_| {});
+        let sender = Sender {
+            neighbour: neighbour.clone(),
+            client: client.clone(),
+            config: config.clone(),
+            state: state.clone(),
+            store: store.clone(),
+            stats: stats.clone(),
+        };
+        handles.push(tokio::spawn(sender.run()));
+    }
+    Ok(handles)
+}
+
+struct Sender {
+    neighbour: String,
+    client: reqwest::Client,
+    config: Arc<Config>,
+    state: State,
+    store: Arc<Store>,
+    stats: Stats,
+}
+
+impl Sender {
+    async fn run(self) {
+        let me = Arc::new(self);
+        let mut log = me.state.subscribe();
+        let mut position = loop {
+            match me.state.position(&me.neighbour) {
+                Ok(p) => break p,
+                Err(e) => {
+                    tracing::error!("replication to {}: {e}", me.neighbour);
+                    tokio::time::sleep(me.config.retry_max).await;
+                }
+            }
+        };
+        // Highest sequence number handed out for sending.
+        let mut dispatched = position;
+        let mut outstanding: BTreeSet<u64> = BTreeSet::new();
+        let mut retry: VecDeque<Op> = VecDeque::new();
+        let mut in_flight: JoinSet<(Op, Result<(), String>)> = JoinSet::new();
+        let mut backoff = me.config.retry_min;
+        let mut resume_at: Option<tokio::time::Instant> = None;
+        let window = me.config.max_in_flight;
+        loop {
+            if resume_at.is_none() {
+                // Fill the window: failed operations first, then new ones.
+                while in_flight.len() < window {
+                    let Some(op) = retry.pop_front() else { break };
+                    in_flight.spawn(me.clone().send(op));
+                }
+                if in_flight.len() < window && dispatched < *log.borrow_and_update() {
+                    match me.state.ops_after(dispatched, window - in_flight.len()) {
+                        Ok(ops) => {
+                            for op in ops {
+                                dispatched = op.seq;
+                                outstanding.insert(op.seq);
+                                in_flight.spawn(me.clone().send(op));
+                            }
+                        }
+                        Err(e) => tracing::error!("replication to {}: {e}", me.neighbour),
+                    }
+                }
+                me.stats.update(&me.neighbour, |s| {
+                    s.in_flight = in_flight.len();
+                    s.retry_in = None;
+                });
+            }
+            let can_take_more = resume_at.is_none() && in_flight.len() < window;
+            tokio::select! {
+                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                    let (op, result) = match joined {
+                        Ok(r) => r,
+                        Err(e) => {
+                            tracing::error!("replication task failed: {e}");
+                            continue;
+                        }
+                    };
+                    match result {
+                        Ok(()) => {
+                            outstanding.remove(&op.seq);
+                            backoff = me.config.retry_min;
+                            me.stats.update(&me.neighbour, |s| s.last_success = Some(unix_now()));
+                        }
+                        Err(e) => {
+                            tracing::debug!("replication of {} to {} failed: {e}", op.name, me.neighbour);
+                            me.stats.update(&me.neighbour, |s| {
+                                s.last_error = Some(e);
+                                s.last_error_at = Some(unix_now());
+                            });
+                            retry.push_back(op);
+                            if resume_at.is_none() {
+                                resume_at = Some(tokio::time::Instant::now() + backoff);
+                                let wait = backoff;
+                                me.stats.update(&me.neighbour, |s| s.retry_in = Some(wait.as_secs_f64()));
+                                backoff = next_backoff(backoff, me.config.retry_min, me.config.retry_max);
+                            }
+                        }
+                    }
+                    // Everything before the oldest unanswered operation is accepted.
+                    let accepted = outstanding.first().map_or(dispatched, |s| s - 1);
+                    if accepted > position {
+                        position = accepted;
+                        me.state.accepted(&me.neighbour, position);
+                    }
+                }
+                changed = log.changed(), if can_take_more => {
+                    if changed.is_err() {
+                        return; // the state database is gone: shutting down
+                    }
+                }
+                () = sleep_until(resume_at), if resume_at.is_some() => {
+                    resume_at = None;
+                }
+            }
+        }
+    }
+
+    /// Deliver one operation; Ok when the neighbour accepted it.
+    async fn send(self: Arc<Self>, op: Op) -> (Op, Result<(), String>) {
+        let result = self.deliver(&op).await;
+        (op, result)
+    }
+
+    async fn deliver(&self, op: &Op) -> Result<(), String> {
+        let url = format!("{}{}", self.neighbour, name::location(&op.name));
+        let progress = Progress::new();
+        let request = match op.kind {
+            OpKind::Delete => self.client.delete(&url),
+            OpKind::Put => {
+                let store = self.store.clone();
+                let n = op.name.clone();
+                let opened = tokio::task::spawn_blocking(move || store.open_file(&n))
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                // Deleted since it was queued (its deletion is queued too), or
+                // never placed because of a crash: nothing to send.
+                let Some((file, stat)) = opened else {
+                    return Ok(());
+                };
+                let len = u64::try_from(stat.st_size).unwrap_or(0);
+                let tick = progress.clone();
+                let body = store::file_stream(file, 0, len).map(move |chunk| {
+                    tick.touch();
+                    chunk
+                });
+                let mut req = self
+                    .client
+                    .put(&url)
+                    .header(reqwest::header::CONTENT_LENGTH, len)
+                    .body(reqwest::Body::wrap_stream(body));
+                if let Some(sha1) = name::content_sha1(&op.name) {
+                    req = req.header("X-Content-SHA1", sha1);
+                }
+                req
+            }
+        };
+        let request = match &self.config.token {
+            Some(token) => request.bearer_auth(token),
+            None => request,
+        };
+        let timeout = self.config.transfer_timeout;
+        let response = tokio::select! {
+            r = request.send() => r.map_err(|e| error_chain(&e))?,
+            () = progress.stalled(timeout) => {
+                return Err(format!("no progress for {} s", timeout.as_secs_f64()));
+            }
+        };
+        let status = response.status().as_u16();
+        let accepted = match op.kind {
+            OpKind::Put => matches!(status, 201 | 302 | 409),
+            OpKind::Delete => matches!(status, 200 | 404),
+        };
+        if accepted {
+            Ok(())
+        } else {
+            let body = tokio::time::timeout(timeout, response.text())
+                .await
+                .ok()
+                .and_then(Result::ok)
+                .unwrap_or_default();
+            let reason = body.lines().next().unwrap_or("").trim().to_string();
+            Err(format!("HTTP {status} {reason}").trim().to_string())
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut source = e.source();
+    while let Some(inner) = source {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        source = inner.source();
+    }
+    s
+}
+
+async fn sleep_until(at: Option<tokio::time::Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// When a request last made progress (a body chunk went out).
+#[derive(Clone)]
+struct Progress {
+    start: Instant,
+    last_ms: Arc<AtomicU64>,
+}
+
+impl Progress {
+    fn new() -> Progress {
+        Progress {
+            start: Instant::now(),
+            last_ms: Arc::new(AtomicU64::new(0)),
+        }
+    }
+
+    fn touch(&self) {
+        let ms = u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Resolves once `timeout` passes without a `touch`.
+    async fn stalled(&self, timeout: Duration) {
+        loop {
+            let last = Duration::from_millis(self.last_ms.load(Ordering::Relaxed));
+            let deadline = self.start + last + timeout;
+            if Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep_until(deadline.into()).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_to_the_cap() {
+        let min = Duration::from_millis(500);
+        let max = Duration::from_secs(30);
+        let mut d = min;
+        let mut seen = vec![d];
+        for _ in 0..8 {
+            d = next_backoff(d, min, max);
+            seen.push(d);
+        }
+        let secs: Vec<f64> = seen.iter().map(Duration::as_secs_f64).collect();
+        assert_eq!(secs, vec![0.5, 1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0, 30.0]);
+    }
+
+    #[tokio::test]
+    async fn progress_stalls_only_without_touches() {
+        let p = Progress::new();
+        let t = p.clone();
+        let toucher = tokio::spawn(async move {
+            for _ in 0..5 {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                t.touch();
+            }
+        });
+        let started = Instant::now();
+        p.stalled(Duration::from_millis(60)).await;
+        // Five touches 20 ms apart keep it alive past 100 ms.
+        assert!(started.elapsed() >= Duration::from_millis(100));
+        toucher.await.unwrap();
+    }
+}

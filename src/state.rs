@@ -1,0 +1,580 @@
+//! The node's state database (redb, in the `--queue` directory): the
+//! deletion log, the replication operation log with one accepted position
+//! per neighbour, and deletions whose unlink may not have finished.
+//!
+//! All writes go through one writer thread that batches whatever is
+//! waiting into a single transaction (group commit), so concurrent uploads
+//! share one fsync. Writes that must survive a crash (a new file, a new
+//! deletion) are committed durably before the caller is answered; the rest
+//! (positions, cleanup) ride along or commit without fsync, because losing
+//! them only repeats harmless work. This module never touches stored files.
+
+use std::path::Path;
+use std::sync::mpsc as std_mpsc;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use redb::{Database, Durability, ReadableDatabase, ReadableTable, TableDefinition};
+use tokio::sync::{oneshot, watch};
+
+const OPLOG: TableDefinition<u64, &[u8]> = TableDefinition::new("oplog");
+const DELETED: TableDefinition<&str, u64> = TableDefinition::new("deleted");
+const POSITIONS: TableDefinition<&str, u64> = TableDefinition::new("positions");
+const PENDING_UNLINK: TableDefinition<&str, ()> = TableDefinition::new("pending_unlink");
+const META: TableDefinition<&str, u64> = TableDefinition::new("meta");
+const NEXT_SEQ: &str = "next_seq";
+
+/// Most commands folded into one transaction.
+const MAX_BATCH: usize = 4096;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error("state database: {0}")]
+    Db(#[from] redb::Error),
+    #[error("state database writer has stopped")]
+    WriterGone,
+    #[error("corrupt operation {0} in the state database")]
+    CorruptOp(u64),
+}
+
+fn db_err<E: Into<redb::Error>>(e: E) -> StateError {
+    StateError::Db(e.into())
+}
+
+/// What a replicated operation does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OpKind {
+    Put,
+    Delete,
+}
+
+/// One entry of the operation log.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Op {
+    pub seq: u64,
+    pub kind: OpKind,
+    /// Unix seconds when the operation was logged.
+    pub time: u64,
+    pub name: String,
+}
+
+fn encode_op(kind: OpKind, time: u64, name: &str) -> Vec<u8> {
+    let mut v = Vec::with_capacity(9 + name.len());
+    v.push(match kind {
+        OpKind::Put => b'P',
+        OpKind::Delete => b'D',
+    });
+    v.extend_from_slice(&time.to_le_bytes());
+    v.extend_from_slice(name.as_bytes());
+    v
+}
+
+fn decode_op(seq: u64, bytes: &[u8]) -> Result<Op, StateError> {
+    let bad = || StateError::CorruptOp(seq);
+    let (&kind, rest) = bytes.split_first().ok_or_else(bad)?;
+    let kind = match kind {
+        b'P' => OpKind::Put,
+        b'D' => OpKind::Delete,
+        _ => return Err(bad()),
+    };
+    let time = u64::from_le_bytes(
+        rest.get(..8)
+            .ok_or_else(bad)?
+            .try_into()
+            .map_err(|_| bad())?,
+    );
+    let name = std::str::from_utf8(&rest[8..])
+        .map_err(|_| bad())?
+        .to_string();
+    Ok(Op {
+        seq,
+        kind,
+        time,
+        name,
+    })
+}
+
+/// Outcome of logging a stored file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PutRecord {
+    /// Logged for replication.
+    Queued,
+    /// The name is in the deletion log; nothing was logged.
+    Deleted,
+}
+
+/// Outcome of logging a deletion.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeleteRecord {
+    /// New in the deletion log, queued for replication.
+    New,
+    /// Already in the deletion log; nothing was queued again.
+    Known,
+}
+
+enum Cmd {
+    Put(String, oneshot::Sender<Result<PutRecord, StateError>>),
+    Delete(String, oneshot::Sender<Result<DeleteRecord, StateError>>),
+    Unlinked(String),
+    Accepted(String, u64),
+}
+
+/// Per-neighbour figures for `/_status`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueInfo {
+    pub neighbour: String,
+    pub length: u64,
+    /// Unix seconds of the oldest operation the neighbour has not accepted.
+    pub oldest: Option<u64>,
+}
+
+/// Handle to the state database; cheap to clone.
+#[derive(Clone)]
+pub struct State {
+    db: Arc<Database>,
+    tx: std_mpsc::Sender<Cmd>,
+    last_seq: watch::Receiver<u64>,
+    neighbours: Arc<Vec<String>>,
+    writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+}
+
+impl State {
+    /// Open (or create) `dir/state.redb` and start the writer thread.
+    pub fn open(dir: &Path, neighbours: &[String]) -> Result<State, StateError> {
+        std::fs::create_dir_all(dir).map_err(|e| db_err(redb::StorageError::Io(e)))?;
+        let db = Arc::new(Database::create(dir.join("state.redb")).map_err(db_err)?);
+        let next_seq = {
+            let txn = db.begin_write().map_err(db_err)?;
+            let next = {
+                // Create every table so readers never meet a missing one.
+                txn.open_table(OPLOG).map_err(db_err)?;
+                txn.open_table(DELETED).map_err(db_err)?;
+                txn.open_table(PENDING_UNLINK).map_err(db_err)?;
+                let mut positions = txn.open_table(POSITIONS).map_err(db_err)?;
+                // Forget neighbours that are no longer configured.
+                let stale: Vec<String> = positions
+                    .iter()
+                    .map_err(db_err)?
+                    .filter_map(Result::ok)
+                    .map(|(k, _)| k.value().to_string())
+                    .filter(|k| !neighbours.contains(k))
+                    .collect();
+                for k in stale {
+                    positions.remove(k.as_str()).map_err(db_err)?;
+                }
+                let meta = txn.open_table(META).map_err(db_err)?;
+                let next = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
+                next
+            };
+            txn.commit().map_err(db_err)?;
+            next
+        };
+        let (tx, rx) = std_mpsc::channel();
+        let (seq_tx, last_seq) = watch::channel(next_seq - 1);
+        let writer = Writer {
+            db: db.clone(),
+            next_seq,
+            neighbours: neighbours.to_vec(),
+            seq_tx,
+        };
+        let handle = std::thread::Builder::new()
+            .name("state-writer".into())
+            .spawn(move || writer.run(rx))
+            .map_err(|e| db_err(redb::StorageError::Io(e)))?;
+        Ok(State {
+            db,
+            tx,
+            last_seq,
+            neighbours: Arc::new(neighbours.to_vec()),
+            writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+        })
+    }
+
+    /// Stop the writer after it has committed everything sent to it, and
+    /// close the database (when this is the last handle).
+    pub fn close(self) {
+        let handle = self
+            .writer
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(self);
+        if let Some(handle) = handle {
+            let _ = handle.join();
+        }
+    }
+
+    /// Log a new stored file for replication, durably, unless the name was deleted.
+    pub async fn put(&self, name: &str) -> Result<PutRecord, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Put(name.to_string(), reply))
+            .map_err(|_| StateError::WriterGone)?;
+        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+
+    /// Log a deletion (and its replication) durably.
+    pub async fn delete(&self, name: &str) -> Result<DeleteRecord, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Delete(name.to_string(), reply))
+            .map_err(|_| StateError::WriterGone)?;
+        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+
+    /// The file of a deleted name is gone from disk; no need to redo it at start.
+    pub fn unlinked(&self, name: &str) {
+        let _ = self.tx.send(Cmd::Unlinked(name.to_string()));
+    }
+
+    /// `neighbour` has accepted every operation up to and including `upto`.
+    pub fn accepted(&self, neighbour: &str, upto: u64) {
+        let _ = self.tx.send(Cmd::Accepted(neighbour.to_string(), upto));
+    }
+
+    /// Watch the sequence number of the newest committed operation.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.last_seq.clone()
+    }
+
+    pub fn is_deleted(&self, name: &str) -> Result<bool, StateError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(DELETED).map_err(db_err)?;
+        Ok(table.get(name).map_err(db_err)?.is_some())
+    }
+
+    /// Names whose deletion was logged but whose unlink may not have happened.
+    pub fn pending_unlinks(&self) -> Result<Vec<String>, StateError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(PENDING_UNLINK).map_err(db_err)?;
+        let mut names = Vec::new();
+        for item in table.iter().map_err(db_err)? {
+            let (k, _) = item.map_err(db_err)?;
+            names.push(k.value().to_string());
+        }
+        Ok(names)
+    }
+
+    /// The position up to which `neighbour` has accepted everything.
+    pub fn position(&self, neighbour: &str) -> Result<u64, StateError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(POSITIONS).map_err(db_err)?;
+        Ok(table
+            .get(neighbour)
+            .map_err(db_err)?
+            .map_or(0, |v| v.value()))
+    }
+
+    /// Up to `limit` operations with a sequence number above `after`.
+    pub fn ops_after(&self, after: u64, limit: usize) -> Result<Vec<Op>, StateError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let table = txn.open_table(OPLOG).map_err(db_err)?;
+        let mut ops = Vec::new();
+        for item in table
+            .range(after.saturating_add(1)..)
+            .map_err(db_err)?
+            .take(limit)
+        {
+            let (k, v) = item.map_err(db_err)?;
+            ops.push(decode_op(k.value(), v.value())?);
+        }
+        Ok(ops)
+    }
+
+    /// Queue figures for every configured neighbour.
+    pub fn queues(&self) -> Result<Vec<QueueInfo>, StateError> {
+        let txn = self.db.begin_read().map_err(db_err)?;
+        let oplog = txn.open_table(OPLOG).map_err(db_err)?;
+        let positions = txn.open_table(POSITIONS).map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        let last = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value()) - 1;
+        let first = oplog.first().map_err(db_err)?.map(|(k, _)| k.value());
+        let mut out = Vec::with_capacity(self.neighbours.len());
+        for n in self.neighbours.iter() {
+            let pos = positions
+                .get(n.as_str())
+                .map_err(db_err)?
+                .map_or(0, |v| v.value());
+            // Operations before the first one still logged were trimmed.
+            let from = first.map_or(last, |f| pos.max(f - 1));
+            let length = last.saturating_sub(from);
+            let oldest = match oplog.range(from + 1..).map_err(db_err)?.next() {
+                Some(item) => {
+                    let (k, v) = item.map_err(db_err)?;
+                    Some(decode_op(k.value(), v.value())?.time)
+                }
+                None => None,
+            };
+            out.push(QueueInfo {
+                neighbour: n.clone(),
+                length,
+                oldest,
+            });
+        }
+        Ok(out)
+    }
+}
+
+pub fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+struct Writer {
+    db: Arc<Database>,
+    next_seq: u64,
+    neighbours: Vec<String>,
+    seq_tx: watch::Sender<u64>,
+}
+
+enum Reply {
+    Put(oneshot::Sender<Result<PutRecord, StateError>>, PutRecord),
+    Delete(
+        oneshot::Sender<Result<DeleteRecord, StateError>>,
+        DeleteRecord,
+    ),
+}
+
+impl Writer {
+    fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
+        while let Ok(first) = rx.recv() {
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(cmd) => batch.push(cmd),
+                    Err(_) => break,
+                }
+            }
+            let start_seq = self.next_seq;
+            match self.apply(&mut batch) {
+                Ok(replies) => {
+                    // Publish before answering, so a caller that got its
+                    // answer also sees its operation in the watched sequence.
+                    if self.next_seq != start_seq {
+                        self.seq_tx.send_replace(self.next_seq - 1);
+                    }
+                    for reply in replies {
+                        match reply {
+                            Reply::Put(tx, r) => {
+                                let _ = tx.send(Ok(r));
+                            }
+                            Reply::Delete(tx, r) => {
+                                let _ = tx.send(Ok(r));
+                            }
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.next_seq = start_seq;
+                    tracing::error!("state commit failed: {e}");
+                    let msg = e.to_string();
+                    for cmd in batch {
+                        let err =
+                            || StateError::Db(redb::Error::Io(std::io::Error::other(msg.clone())));
+                        match cmd {
+                            Cmd::Put(_, tx) => {
+                                let _ = tx.send(Err(err()));
+                            }
+                            Cmd::Delete(_, tx) => {
+                                let _ = tx.send(Err(err()));
+                            }
+                            Cmd::Unlinked(_) | Cmd::Accepted(..) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Apply a batch in one transaction. Replies are taken out of the batch
+    /// only on success, so a failed batch can still answer every caller.
+    fn apply(&mut self, batch: &mut Vec<Cmd>) -> Result<Vec<Reply>, StateError> {
+        let durable = batch
+            .iter()
+            .any(|c| matches!(c, Cmd::Put(..) | Cmd::Delete(..)));
+        let mut txn = self.db.begin_write().map_err(db_err)?;
+        txn.set_durability(if durable {
+            Durability::Immediate
+        } else {
+            Durability::None
+        })
+        .map_err(db_err)?;
+        let now = unix_now();
+        let mut outcomes: Vec<Option<Result<PutRecord, DeleteRecord>>> =
+            Vec::with_capacity(batch.len());
+        let mut seq = self.next_seq;
+        {
+            let mut oplog = txn.open_table(OPLOG).map_err(db_err)?;
+            let mut deleted = txn.open_table(DELETED).map_err(db_err)?;
+            let mut pending = txn.open_table(PENDING_UNLINK).map_err(db_err)?;
+            let mut positions = txn.open_table(POSITIONS).map_err(db_err)?;
+            let mut meta = txn.open_table(META).map_err(db_err)?;
+            let mut positions_moved = false;
+            for cmd in batch.iter() {
+                let outcome = match cmd {
+                    Cmd::Put(name, _) => {
+                        if deleted.get(name.as_str()).map_err(db_err)?.is_some() {
+                            Some(Ok(PutRecord::Deleted))
+                        } else {
+                            oplog
+                                .insert(seq, encode_op(OpKind::Put, now, name).as_slice())
+                                .map_err(db_err)?;
+                            seq += 1;
+                            Some(Ok(PutRecord::Queued))
+                        }
+                    }
+                    Cmd::Delete(name, _) => {
+                        if deleted.get(name.as_str()).map_err(db_err)?.is_some() {
+                            Some(Err(DeleteRecord::Known))
+                        } else {
+                            deleted.insert(name.as_str(), now).map_err(db_err)?;
+                            pending.insert(name.as_str(), ()).map_err(db_err)?;
+                            oplog
+                                .insert(seq, encode_op(OpKind::Delete, now, name).as_slice())
+                                .map_err(db_err)?;
+                            seq += 1;
+                            Some(Err(DeleteRecord::New))
+                        }
+                    }
+                    Cmd::Unlinked(name) => {
+                        pending.remove(name.as_str()).map_err(db_err)?;
+                        None
+                    }
+                    Cmd::Accepted(neighbour, upto) => {
+                        if self.neighbours.contains(neighbour) {
+                            let old = positions
+                                .get(neighbour.as_str())
+                                .map_err(db_err)?
+                                .map_or(0, |v| v.value());
+                            if *upto > old {
+                                positions
+                                    .insert(neighbour.as_str(), *upto)
+                                    .map_err(db_err)?;
+                                positions_moved = true;
+                            }
+                        }
+                        None
+                    }
+                };
+                outcomes.push(outcome);
+            }
+            if seq != self.next_seq {
+                meta.insert(NEXT_SEQ, seq).map_err(db_err)?;
+            }
+            if seq != self.next_seq || positions_moved {
+                // Operations every neighbour has accepted are no longer needed.
+                let mut upto = seq - 1;
+                for n in &self.neighbours {
+                    let p = positions
+                        .get(n.as_str())
+                        .map_err(db_err)?
+                        .map_or(0, |v| v.value());
+                    upto = upto.min(p);
+                }
+                oplog
+                    .retain_in(..=upto, |_, _| false)
+                    .map_err(db_err)?;
+            }
+        }
+        txn.commit().map_err(db_err)?;
+        self.next_seq = seq;
+        let mut replies = Vec::new();
+        for (cmd, outcome) in std::mem::take(batch).into_iter().zip(outcomes) {
+            match (cmd, outcome) {
+                (Cmd::Put(_, tx), Some(Ok(r))) => replies.push(Reply::Put(tx, r)),
+                (Cmd::Delete(_, tx), Some(Err(r))) => replies.push(Reply::Delete(tx, r)),
+                _ => {}
+            }
+        }
+        Ok(replies)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn deletion_log_blocks_puts_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let neighbours = vec!["http://b".to_string()];
+        {
+            let state = State::open(dir.path(), &neighbours).unwrap();
+            assert_eq!(state.put("a").await.unwrap(), PutRecord::Queued);
+            assert_eq!(state.delete("a").await.unwrap(), DeleteRecord::New);
+            assert_eq!(state.delete("a").await.unwrap(), DeleteRecord::Known);
+            assert_eq!(state.put("a").await.unwrap(), PutRecord::Deleted);
+            assert_eq!(
+                state.delete("never-stored").await.unwrap(),
+                DeleteRecord::New
+            );
+            state.close();
+        }
+        let state = State::open(dir.path(), &neighbours).unwrap();
+        assert!(state.is_deleted("a").unwrap());
+        assert!(!state.is_deleted("b").unwrap());
+        let ops = state.ops_after(0, 10).unwrap();
+        let kinds: Vec<_> = ops.iter().map(|o| (o.kind, o.name.as_str())).collect();
+        assert_eq!(
+            kinds,
+            vec![
+                (OpKind::Put, "a"),
+                (OpKind::Delete, "a"),
+                (OpKind::Delete, "never-stored")
+            ]
+        );
+        let mut pending = state.pending_unlinks().unwrap();
+        pending.sort();
+        assert_eq!(pending, vec!["a".to_string(), "never-stored".to_string()]);
+        assert_eq!(state.queues().unwrap()[0].length, 3);
+    }
+
+    #[tokio::test]
+    async fn accepted_operations_are_trimmed_and_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        let neighbours = vec!["http://b".to_string(), "http://c".to_string()];
+        let state = State::open(dir.path(), &neighbours).unwrap();
+        for i in 0..5 {
+            state.put(&format!("f{i}")).await.unwrap();
+        }
+        state.accepted("http://b", 5);
+        state.accepted("http://c", 2);
+        // A durable command after the acknowledgements flushes them in order.
+        state.put("f5").await.unwrap();
+        let q = state.queues().unwrap();
+        assert_eq!(q[0].length, 1);
+        assert_eq!(q[1].length, 4);
+        assert_eq!(state.ops_after(0, 100).unwrap().first().unwrap().seq, 3);
+        let mut seen = state.subscribe();
+        assert_eq!(*seen.borrow_and_update(), 6);
+    }
+
+    #[tokio::test]
+    async fn without_neighbours_nothing_accumulates() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path(), &[]).unwrap();
+        for i in 0..3 {
+            state.put(&format!("f{i}")).await.unwrap();
+        }
+        assert!(state.ops_after(0, 10).unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn concurrent_puts_share_commits() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path(), &["http://b".to_string()]).unwrap();
+        let mut tasks = Vec::new();
+        for i in 0..200 {
+            let s = state.clone();
+            tasks.push(tokio::spawn(async move { s.put(&format!("n{i}")).await }));
+        }
+        for t in tasks {
+            assert_eq!(t.await.unwrap().unwrap(), PutRecord::Queued);
+        }
+        let ops = state.ops_after(0, 1000).unwrap();
+        assert_eq!(ops.len(), 200);
+        let seqs: Vec<u64> = ops.iter().map(|o| o.seq).collect();
+        assert_eq!(seqs, (1..=200).collect::<Vec<_>>());
+    }
+}

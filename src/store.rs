@@ -1,0 +1,517 @@
+//! Files on disk: the storage directory and its hidden temporary area.
+//! Owns every file-system call on stored files: temp files, fsync, the
+//! atomic no-replace rename into place, lookups for reading, unlink and the
+//! pruning of emptied directories. All calls block; callers run them off
+//! the async workers. It must never follow a symbolic link, never reach
+//! outside the storage directory, and never leave a partial file visible
+//! under a stored name.
+
+use std::fs::File;
+use std::io::{self, Write};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use rustix::fs::{
+    fsync, mkdirat, openat, openat2, renameat_with, statat, unlinkat, AtFlags, FileType, Mode,
+    OFlags, RenameFlags, ResolveFlags, Stat, CWD,
+};
+use rustix::io::Errno;
+
+/// The hidden directory for uploads in progress; names starting with `.`
+/// are refused by the name rules, so no request can reach it.
+pub const TEMP_DIR: &str = ".tmp";
+
+/// Chunk size for streaming files: large, so a big transfer costs few
+/// thread hops, small enough that memory does not grow with file size.
+pub const CHUNK: usize = 512 * 1024;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("disk full")]
+    DiskFull,
+    #[error("a parent path of this name is a file")]
+    ParentNotDir,
+    #[error("a directory or other non-file entry already has this name")]
+    NotAFile,
+    #[error("storage I/O error: {0}")]
+    Io(io::Error),
+}
+
+impl From<io::Error> for StoreError {
+    fn from(e: io::Error) -> Self {
+        match e.raw_os_error() {
+            Some(code)
+                if code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error() =>
+            {
+                StoreError::DiskFull
+            }
+            _ => StoreError::Io(e),
+        }
+    }
+}
+
+impl From<Errno> for StoreError {
+    fn from(e: Errno) -> Self {
+        io::Error::from(e).into()
+    }
+}
+
+/// What a name points at on disk.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Entry {
+    Absent,
+    File,
+    /// A directory, symlink or anything else that is not a regular file.
+    Other,
+}
+
+/// The storage directory.
+#[derive(Debug)]
+pub struct Store {
+    root: PathBuf,
+    root_dir: OwnedFd,
+    temp_dir: OwnedFd,
+    counter: AtomicU64,
+}
+
+/// Resolution that never leaves the directory it starts from and never
+/// follows a symbolic link (Linux openat2, kernel 5.6 or later).
+fn beneath() -> ResolveFlags {
+    ResolveFlags::BENEATH | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS
+}
+
+fn open_dir_at(dir: BorrowedFd<'_>, path: &str) -> rustix::io::Result<OwnedFd> {
+    openat2(
+        dir,
+        path,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::empty(),
+        beneath(),
+    )
+}
+
+fn entry_of(stat: &Stat) -> Entry {
+    if FileType::from_raw_mode(stat.st_mode) == FileType::RegularFile {
+        Entry::File
+    } else {
+        Entry::Other
+    }
+}
+
+impl Store {
+    /// Open (creating if needed) the storage directory and empty its
+    /// temporary area: anything there is an upload a crash interrupted.
+    pub fn open(root: &Path) -> Result<Store, StoreError> {
+        if root.exists() && !root.is_dir() {
+            return Err(StoreError::Io(io::Error::new(
+                io::ErrorKind::NotADirectory,
+                "exists and is not a directory",
+            )));
+        }
+        std::fs::create_dir_all(root)?;
+        let root_dir = openat(
+            CWD,
+            root,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )?;
+        match mkdirat(&root_dir, TEMP_DIR, Mode::from_raw_mode(0o700)) {
+            Ok(()) | Err(Errno::EXIST) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let temp_dir = open_dir_at(root_dir.as_fd(), TEMP_DIR)?;
+        let store = Store {
+            root: root.to_path_buf(),
+            root_dir,
+            temp_dir,
+            counter: AtomicU64::new(0),
+        };
+        store.clear_temp()?;
+        // Prove the directory is writable now rather than at the first upload.
+        drop(store.create_temp()?);
+        Ok(store)
+    }
+
+    fn clear_temp(&self) -> Result<(), StoreError> {
+        for entry in std::fs::read_dir(self.root.join(TEMP_DIR))? {
+            let entry = entry?;
+            if entry.file_type()?.is_dir() {
+                std::fs::remove_dir_all(entry.path())?;
+            } else {
+                std::fs::remove_file(entry.path())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The storage directory's path.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// A new, empty temporary file in the storage file system.
+    pub fn create_temp(&self) -> Result<TempFile, StoreError> {
+        let n = self.counter.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{}-{n}", std::process::id());
+        let fd = openat(
+            &self.temp_dir,
+            name.as_str(),
+            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::CLOEXEC,
+            Mode::from_raw_mode(0o644),
+        )?;
+        Ok(TempFile {
+            file: File::from(fd),
+            path: self.root.join(TEMP_DIR).join(&name),
+            name,
+            len: 0,
+            placed: false,
+        })
+    }
+
+    /// Open a stored file for reading: None when the name is not a regular
+    /// file reached without symbolic links.
+    pub fn open_file(&self, name: &str) -> Result<Option<(File, Stat)>, StoreError> {
+        let fd = match openat2(
+            &self.root_dir,
+            name,
+            // NONBLOCK: opening a FIFO someone left in the directory must not hang.
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            beneath(),
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::NAMETOOLONG) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let stat = rustix::fs::fstat(&fd)?;
+        if entry_of(&stat) != Entry::File {
+            return Ok(None);
+        }
+        Ok(Some((File::from(fd), stat)))
+    }
+
+    /// Make sure the parent directories of `name` exist (creating and
+    /// fsyncing new ones) and say what `name` itself is now.
+    pub fn prepare(&self, name: &str) -> Result<Prepared, StoreError> {
+        let (dirs, base) = match name.rsplit_once('/') {
+            Some((dirs, base)) => (Some(dirs), base),
+            None => (None, name),
+        };
+        let mut parent: Option<OwnedFd> = None;
+        for component in dirs.into_iter().flat_map(|d| d.split('/')) {
+            let here = parent
+                .as_ref()
+                .map_or(self.root_dir.as_fd(), |fd| fd.as_fd());
+            let next = match open_dir_at(here, component) {
+                Ok(fd) => fd,
+                Err(Errno::NOENT) => {
+                    match mkdirat(here, component, Mode::from_raw_mode(0o755)) {
+                        Ok(()) => fsync(here)?,
+                        Err(Errno::EXIST) => {} // made by a concurrent upload
+                        Err(e) => return Err(e.into()),
+                    }
+                    open_dir_at(here, component).map_err(|e| match e {
+                        Errno::NOTDIR | Errno::LOOP | Errno::XDEV => StoreError::ParentNotDir,
+                        e => e.into(),
+                    })?
+                }
+                Err(Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => {
+                    return Err(StoreError::ParentNotDir)
+                }
+                Err(e) => return Err(e.into()),
+            };
+            parent = Some(next);
+        }
+        let here = parent
+            .as_ref()
+            .map_or(self.root_dir.as_fd(), |fd| fd.as_fd());
+        let existing = match statat(here, base, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) => entry_of(&stat),
+            Err(Errno::NOENT) => Entry::Absent,
+            Err(e) => return Err(e.into()),
+        };
+        Ok(Prepared {
+            parent,
+            base: base.to_string(),
+            existing,
+        })
+    }
+
+    /// Rename a synced temporary file into place, never replacing an
+    /// existing entry, then fsync the directory so the name is durable.
+    pub fn place(&self, temp: &mut TempFile, at: &Prepared) -> Result<Placed, StoreError> {
+        let parent = at
+            .parent
+            .as_ref()
+            .map_or(self.root_dir.as_fd(), |fd| fd.as_fd());
+        match renameat_with(
+            &self.temp_dir,
+            temp.name.as_str(),
+            parent,
+            at.base.as_str(),
+            RenameFlags::NOREPLACE,
+        ) {
+            Ok(()) => {
+                temp.placed = true;
+                fsync(parent)?;
+                Ok(Placed::New)
+            }
+            Err(Errno::EXIST) => Ok(Placed::AlreadyThere),
+            // The parent directory was pruned by a concurrent deletion.
+            Err(Errno::NOENT) => Ok(Placed::ParentGone),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Unlink a stored file and prune the directories this leaves empty.
+    /// Returns whether a regular file was there. Other entries are left alone.
+    pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
+        let (dirs, base) = match name.rsplit_once('/') {
+            Some((dirs, base)) => (Some(dirs), base),
+            None => (None, name),
+        };
+        let parent = match dirs {
+            None => None,
+            Some(dirs) => match open_dir_at(self.root_dir.as_fd(), dirs) {
+                Ok(fd) => Some(fd),
+                Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => return Ok(false),
+                Err(e) => return Err(e.into()),
+            },
+        };
+        let here = parent
+            .as_ref()
+            .map_or(self.root_dir.as_fd(), |fd| fd.as_fd());
+        match statat(here, base, AtFlags::SYMLINK_NOFOLLOW) {
+            Ok(stat) if entry_of(&stat) == Entry::File => {}
+            Ok(_) | Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        match unlinkat(here, base, AtFlags::empty()) {
+            Ok(()) => {}
+            Err(Errno::NOENT) => return Ok(false),
+            Err(e) => return Err(e.into()),
+        }
+        fsync(here)?;
+        if let Some(dirs) = dirs {
+            self.prune(dirs);
+        }
+        Ok(true)
+    }
+
+    /// Remove `dirs` and its ancestors while they are empty. Failure to
+    /// remove (not empty, raced by an upload) just stops the pruning.
+    fn prune(&self, dirs: &str) {
+        let mut path = dirs;
+        loop {
+            if unlinkat(&self.root_dir, path, AtFlags::REMOVEDIR).is_err() {
+                return;
+            }
+            match path.rsplit_once('/') {
+                Some((up, _)) => path = up,
+                None => return,
+            }
+        }
+    }
+}
+
+/// The parent directory of a name about to be placed, and what is there now.
+#[derive(Debug)]
+pub struct Prepared {
+    /// None: the storage directory itself.
+    parent: Option<OwnedFd>,
+    base: String,
+    pub existing: Entry,
+}
+
+/// Result of placing a file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Placed {
+    New,
+    AlreadyThere,
+    ParentGone,
+}
+
+/// An upload in progress; removed on drop unless it was placed.
+#[derive(Debug)]
+pub struct TempFile {
+    file: File,
+    name: String,
+    path: PathBuf,
+    len: u64,
+    placed: bool,
+}
+
+impl TempFile {
+    pub fn write_all(&mut self, buf: &[u8]) -> Result<(), StoreError> {
+        self.file.write_all(buf)?;
+        self.len += buf.len() as u64;
+        Ok(())
+    }
+
+    /// Flush the contents to stable storage (before the rename).
+    pub fn sync(&mut self) -> Result<(), StoreError> {
+        self.file.sync_all()?;
+        Ok(())
+    }
+
+    pub fn len(&self) -> u64 {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        if !self.placed {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+/// Stream `count` bytes of `file` from `start`, one blocking read per chunk.
+pub fn file_stream(
+    file: File,
+    start: u64,
+    count: u64,
+) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send + 'static {
+    futures_util::stream::unfold(
+        (Some(file), start, count),
+        |(file, offset, left)| async move {
+            let file = file?;
+            if left == 0 {
+                return None;
+            }
+            let want = usize::try_from(left.min(CHUNK as u64)).unwrap_or(CHUNK);
+            let read = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; want];
+                let mut filled = 0;
+                while filled < want {
+                    let n = std::os::unix::fs::FileExt::read_at(
+                        &file,
+                        &mut buf[filled..],
+                        offset + filled as u64,
+                    )?;
+                    if n == 0 {
+                        break;
+                    }
+                    filled += n;
+                }
+                buf.truncate(filled);
+                Ok::<_, io::Error>((file, buf))
+            })
+            .await;
+            match read {
+                Ok(Ok((file, buf))) if !buf.is_empty() => {
+                    let n = buf.len() as u64;
+                    Some((
+                        Ok(bytes::Bytes::from(buf)),
+                        (Some(file), offset + n, left - n),
+                    ))
+                }
+                // Stored files never change; a shorter file is damage, not data.
+                Ok(Ok(_)) => Some((
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "file shorter than expected",
+                    )),
+                    (None, offset, 0),
+                )),
+                Ok(Err(e)) => Some((Err(e), (None, offset, 0))),
+                Err(e) => Some((Err(io::Error::other(e)), (None, offset, 0))),
+            }
+        },
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn put(store: &Store, name: &str, body: &[u8]) -> Placed {
+        let mut temp = store.create_temp().unwrap();
+        temp.write_all(body).unwrap();
+        temp.sync().unwrap();
+        let prepared = store.prepare(name).unwrap();
+        store.place(&mut temp, &prepared).unwrap()
+    }
+
+    #[test]
+    fn place_never_replaces_and_remove_prunes() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        assert_eq!(put(&store, "a/b/c.txt", b"one"), Placed::New);
+        assert_eq!(put(&store, "a/b/c.txt", b"two"), Placed::AlreadyThere);
+        assert_eq!(std::fs::read(dir.path().join("a/b/c.txt")).unwrap(), b"one");
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TEMP_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+        assert!(store.remove("a/b/c.txt").unwrap());
+        assert!(!dir.path().join("a").exists());
+        assert!(!store.remove("a/b/c.txt").unwrap());
+    }
+
+    #[test]
+    fn symlinks_are_not_followed() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        std::fs::write(outside.path().join("secret"), b"s").unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        std::os::unix::fs::symlink(outside.path(), dir.path().join("evil")).unwrap();
+        std::os::unix::fs::symlink(outside.path().join("secret"), dir.path().join("link")).unwrap();
+        assert!(store.open_file("evil/secret").unwrap().is_none());
+        assert!(store.open_file("link").unwrap().is_none());
+        assert!(matches!(
+            store.prepare("evil/x"),
+            Err(StoreError::ParentNotDir)
+        ));
+        assert!(!store.remove("link").unwrap());
+        assert!(!store.remove("evil/secret").unwrap());
+        assert!(outside.path().join("secret").exists());
+    }
+
+    #[test]
+    fn parent_that_is_a_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, "f", b"x");
+        assert!(matches!(
+            store.prepare("f/x"),
+            Err(StoreError::ParentNotDir)
+        ));
+        assert_eq!(store.prepare("f").unwrap().existing, Entry::File);
+        put(&store, "d/x", b"x");
+        assert_eq!(store.prepare("d").unwrap().existing, Entry::Other);
+    }
+
+    #[test]
+    fn open_clears_interrupted_uploads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let mut temp = store.create_temp().unwrap();
+        temp.write_all(b"partial").unwrap();
+        std::mem::forget(temp); // as if the process died
+        drop(store);
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TEMP_DIR))
+                .unwrap()
+                .count(),
+            1
+        );
+        Store::open(dir.path()).unwrap();
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TEMP_DIR))
+                .unwrap()
+                .count(),
+            0
+        );
+    }
+}

@@ -1,0 +1,850 @@
+//! SPEC "Stored names" and "HTTP API (one node)", black-box against the binary.
+
+mod common;
+
+use std::fs;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// PUT `path` and check the 201 and its Location against the spec's naming
+/// rule: `/<expected_stem>_<now>_<sha1><expected_ext>`. Returns the Location.
+fn put_new(
+    node: &Node,
+    path: &str,
+    body: &[u8],
+    expected_stem: &str,
+    expected_ext: &str,
+) -> String {
+    let before = unix_now();
+    let resp = node.put(path, body);
+    let after = unix_now();
+    assert_eq!(
+        resp.status,
+        201,
+        "PUT {path}: expected 201 Created, got {}",
+        resp.describe()
+    );
+    assert_server_header(&resp, "PUT 201");
+    let location = resp
+        .header("location")
+        .unwrap_or_else(|| panic!("PUT {path}: 201 without Location: {}", resp.describe()));
+    let decoded = String::from_utf8(percent_decode(&location)).expect("Location decodes to UTF-8");
+    let (stem, secs, sha, ext) = split_stored_name(&decoded).unwrap_or_else(|| {
+        panic!("PUT {path}: Location {location:?} is not /<stem>_<secs>_<sha1><ext>")
+    });
+    assert_eq!(
+        stem, expected_stem,
+        "PUT {path}: stem of Location {location:?}"
+    );
+    assert_eq!(
+        ext, expected_ext,
+        "PUT {path}: extension of Location {location:?}"
+    );
+    assert_eq!(
+        sha,
+        sha1_hex(body),
+        "PUT {path}: Location {location:?} must carry the body's SHA1 (lower-case hex)"
+    );
+    assert!(
+        secs + 2 >= before && secs <= after + 2,
+        "PUT {path}: Location {location:?} has time {secs}, expected about now ({before}..{after})"
+    );
+    location
+}
+
+#[test]
+fn put_returns_201_with_generated_location_and_stores_file() {
+    let node = Node::start(&[]);
+    let body = b"hello world\n";
+    let loc = put_new(&node, "/hello.txt", body, "hello", ".txt");
+    // The file is a plain file in the storage dir under its stored name.
+    let on_disk = fs::read(node.stored_path(&loc)).unwrap_or_else(|e| {
+        panic!(
+            "stored file for {loc} not on disk at {:?}: {e}",
+            node.stored_path(&loc)
+        )
+    });
+    assert_eq!(on_disk, body, "file on disk has the uploaded content");
+    assert_eq!(
+        node.stored_files().len(),
+        1,
+        "exactly one file stored: {:?}",
+        node.stored_files()
+    );
+    let get = node.get(&loc);
+    assert_eq!(get.status, 200, "GET {loc}: {}", get.describe());
+    assert_eq!(get.body, body, "GET {loc} returns the uploaded bytes");
+}
+
+#[test]
+fn stored_name_extension_rules() {
+    let node = Node::start(&[]);
+    put_new(&node, "/x.tar.gz", b"tarball", "x.tar", ".gz");
+    put_new(&node, "/README", b"no extension", "README", "");
+    put_new(
+        &node,
+        "/dir.d/file",
+        b"dot in directory only",
+        "dir.d/file",
+        "",
+    );
+    put_new(
+        &node,
+        "/sub/dir/photo.JPG",
+        b"jpeg-ish",
+        "sub/dir/photo",
+        ".JPG",
+    );
+}
+
+#[test]
+fn reput_to_location_is_302_and_stores_nothing_new() {
+    let node = Node::start(&[]);
+    let body = b"idempotent content";
+    let loc = put_new(&node, "/same.txt", body, "same", ".txt");
+    let files_before = node.stored_files();
+    let resp = node.put(&loc, body);
+    assert_eq!(
+        resp.status,
+        302,
+        "re-PUT of the same content to {loc}: {}",
+        resp.describe()
+    );
+    assert_eq!(
+        resp.header("location").as_deref(),
+        Some(loc.as_str()),
+        "302 keeps the same Location"
+    );
+    assert_server_header(&resp, "PUT 302");
+    assert_eq!(
+        node.stored_files(),
+        files_before,
+        "a 302 must not store another file"
+    );
+}
+
+#[test]
+fn put_to_name_with_matching_suffix_keeps_name() {
+    // This is how a neighbour's copy arrives: the stored name is kept.
+    let node = Node::start(&[]);
+    let body = b"replicated from elsewhere";
+    let name = format!("/photo_1234567890_{}.jpg", sha1_hex(body));
+    let resp = node.put(&name, body);
+    assert_eq!(resp.status, 201, "PUT {name}: {}", resp.describe());
+    assert_eq!(
+        resp.header("location").as_deref(),
+        Some(name.as_str()),
+        "name with _<digits>_<sha1> kept"
+    );
+    assert_eq!(node.get(&name).body, body);
+    let again = node.put(&name, body);
+    assert_eq!(again.status, 302, "second PUT {name}: {}", again.describe());
+}
+
+#[test]
+fn put_other_content_to_location_gets_a_new_name() {
+    let node = Node::start(&[]);
+    let a = b"first content";
+    let b = b"second content";
+    let loc = put_new(&node, "/doc.txt", a, "doc", ".txt");
+    let decoded = String::from_utf8(percent_decode(&loc)).unwrap();
+    let stem = decoded
+        .strip_suffix(".txt")
+        .unwrap()
+        .trim_start_matches('/');
+    let loc2 = put_new(&node, &loc, b, stem, ".txt");
+    assert_ne!(loc, loc2);
+    assert_eq!(node.get(&loc).body, a, "first file unchanged");
+    assert_eq!(
+        node.get(&loc2).body,
+        b,
+        "second file stored under its own name"
+    );
+}
+
+#[test]
+fn x_content_sha1_checked() {
+    let node = Node::start(&[]);
+    let body = b"checked body";
+    let sha = sha1_hex(body);
+    let r = node.req("PUT", "/c.txt", &[("X-Content-SHA1", &sha)], body);
+    assert_eq!(
+        r.status,
+        201,
+        "correct lower-case X-Content-SHA1: {}",
+        r.describe()
+    );
+    let body2 = b"checked body, upper-case header";
+    let upper = sha1_hex(body2).to_ascii_uppercase();
+    let r = node.req("PUT", "/c2.txt", &[("X-Content-SHA1", &upper)], body2);
+    assert_eq!(
+        r.status,
+        201,
+        "correct upper-case X-Content-SHA1: {}",
+        r.describe()
+    );
+    assert!(
+        r.header("location").unwrap().contains(&sha1_hex(body2)),
+        "Location uses lower-case hex: {}",
+        r.describe()
+    );
+}
+
+#[test]
+fn wrong_or_invalid_x_content_sha1_is_400_and_stores_nothing() {
+    let node = Node::start(&[]);
+    let body = b"some body";
+    let wrong = sha1_hex(b"other body");
+    for value in [
+        wrong.as_str(),
+        "zz",
+        "not-a-sha1-at-all",
+        &"g".repeat(40),
+        &sha1_hex(body)[..39],
+    ] {
+        let r = node.req("PUT", "/w.txt", &[("X-Content-SHA1", value)], body);
+        assert_eq!(r.status, 400, "X-Content-SHA1: {value:?}: {}", r.describe());
+        assert_error_body(&r, &format!("PUT with X-Content-SHA1 {value:?}"));
+    }
+    assert!(
+        node.stored_files().is_empty(),
+        "nothing stored after 400s: {:?}",
+        node.stored_files()
+    );
+    node.assert_tmp_empty_soon("after X-Content-SHA1 mismatches");
+}
+
+#[test]
+fn get_returns_body_and_headers() {
+    let node = Node::start(&[]);
+    let body = b"plain text body";
+    let sha = sha1_hex(body);
+    let loc = node.put_ok("/t.txt", body);
+    let r = node.get(&loc);
+    assert_eq!(r.status, 200, "GET {loc}: {}", r.describe());
+    assert_eq!(r.body, body);
+    assert_eq!(
+        r.header("content-type").as_deref(),
+        Some("text/plain"),
+        "{}",
+        r.describe()
+    );
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some(body.len().to_string().as_str())
+    );
+    assert_eq!(
+        r.header("etag"),
+        Some(format!("\"{sha}\"")),
+        "ETag is the SHA1 in quotes"
+    );
+    assert_eq!(r.header("cache-control").as_deref(), Some(CACHE_CONTROL));
+    assert_eq!(
+        r.header("x-content-sha1").map(|s| s.to_ascii_lowercase()),
+        Some(sha.clone()),
+        "X-Content-SHA1 header"
+    );
+    let lm = r
+        .header("last-modified")
+        .unwrap_or_else(|| panic!("no Last-Modified: {}", r.describe()));
+    let lm_time = httpdate::parse_http_date(&lm)
+        .unwrap_or_else(|e| panic!("Last-Modified {lm:?} is not an HTTP date: {e}"));
+    let lm_secs = lm_time
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        lm_secs.abs_diff(unix_now()) < 120,
+        "Last-Modified {lm} should be about now"
+    );
+    assert_server_header(&r, "GET 200");
+}
+
+#[test]
+fn content_type_by_extension_without_charset() {
+    let node = Node::start(&[]);
+    let cases = [
+        ("/a.txt", "text/plain"),
+        ("/a.png", "image/png"),
+        ("/a.html", "text/html"),
+        ("/a.json", "application/json"),
+        ("/a.qqqzzz", "application/octet-stream"),
+        ("/noext", "application/octet-stream"),
+    ];
+    for (i, (path, ct)) in cases.iter().enumerate() {
+        let loc = node.put_ok(path, format!("content {i}").as_bytes());
+        let r = node.get(&loc);
+        assert_eq!(r.status, 200, "GET {loc}: {}", r.describe());
+        assert_eq!(
+            r.header("content-type").as_deref(),
+            Some(*ct),
+            "Content-Type for {path}: {}",
+            r.describe()
+        );
+        let h = node.head(&loc);
+        assert_eq!(
+            h.header("content-type").as_deref(),
+            Some(*ct),
+            "HEAD Content-Type for {path}"
+        );
+    }
+}
+
+#[test]
+fn head_has_get_headers_and_no_body() {
+    let node = Node::start(&[]);
+    let body = Rng::new(7).bytes(5000);
+    let loc = node.put_ok("/h.bin", &body);
+    let g = node.get(&loc);
+    let h = node.head(&loc);
+    assert_eq!(h.status, 200, "HEAD {loc}: {}", h.describe());
+    assert!(
+        h.body.is_empty(),
+        "HEAD must not send a body, got {} bytes",
+        h.body.len()
+    );
+    for name in [
+        "content-type",
+        "content-length",
+        "etag",
+        "cache-control",
+        "x-content-sha1",
+        "last-modified",
+    ] {
+        assert!(
+            g.header(name).is_some(),
+            "GET lacks {name}: {}",
+            g.describe()
+        );
+        assert_eq!(
+            h.header(name),
+            g.header(name),
+            "HEAD and GET differ in {name}"
+        );
+    }
+    assert_eq!(h.header("content-length").as_deref(), Some("5000"));
+    assert_server_header(&h, "HEAD 200");
+    let missing = node.head("/missing.txt");
+    assert_eq!(missing.status, 404, "HEAD missing: {}", missing.describe());
+    assert!(missing.body.is_empty(), "HEAD 404 without body");
+    assert_server_header(&missing, "HEAD 404");
+}
+
+#[test]
+fn if_none_match() {
+    let node = Node::start(&[]);
+    let body = b"cache me";
+    let sha = sha1_hex(body);
+    let loc = node.put_ok("/cache.txt", body);
+    let etag = format!("\"{sha}\"");
+    let matching = [
+        etag.clone(),
+        format!("\"0000\", {etag}"),
+        format!("\"0000\",{etag} , \"1111\""),
+        "*".to_string(),
+        format!("W/{etag}"),
+    ];
+    for value in &matching {
+        for method in ["GET", "HEAD"] {
+            let r = node.req(method, &loc, &[("If-None-Match", value)], b"");
+            assert_eq!(
+                r.status,
+                304,
+                "{method} with If-None-Match: {value}: {}",
+                r.describe()
+            );
+            assert_eq!(r.header("etag"), Some(etag.clone()), "304 carries ETag");
+            assert_eq!(
+                r.header("cache-control").as_deref(),
+                Some(CACHE_CONTROL),
+                "304 carries Cache-Control"
+            );
+            assert!(r.body.is_empty(), "304 has no body, got {:?}", r.text());
+            assert_server_header(&r, "304");
+        }
+    }
+    for value in [
+        "\"0000\"",
+        &format!("\"{}\"", sha1_hex(b"other")),
+        "W/\"abc\", \"def\"",
+    ] {
+        let r = node.req("GET", &loc, &[("If-None-Match", value)], b"");
+        assert_eq!(
+            r.status,
+            200,
+            "non-matching If-None-Match: {value}: {}",
+            r.describe()
+        );
+        assert_eq!(r.body, body);
+    }
+}
+
+#[test]
+fn range_requests() {
+    let node = Node::start(&[]);
+    let body = b"0123456789";
+    let loc = node.put_ok("/r.txt", body);
+    for (range, content_range, expect) in [
+        ("bytes=0-3", "bytes 0-3/10", &b"0123"[..]),
+        ("bytes=5-", "bytes 5-9/10", b"56789"),
+        ("bytes=-4", "bytes 6-9/10", b"6789"),
+        ("bytes=9-9", "bytes 9-9/10", b"9"),
+        ("bytes=8-100", "bytes 8-9/10", b"89"),
+    ] {
+        let r = node.req("GET", &loc, &[("Range", range)], b"");
+        assert_eq!(r.status, 206, "Range: {range}: {}", r.describe());
+        assert_eq!(
+            r.header("content-range").as_deref(),
+            Some(content_range),
+            "Content-Range for {range}"
+        );
+        assert_eq!(r.body, expect, "bytes for Range: {range}");
+        assert_eq!(
+            r.header("content-length"),
+            Some(expect.len().to_string()),
+            "Content-Length for {range}"
+        );
+        assert_server_header(&r, "206");
+    }
+    for range in ["bytes=1000-", "bytes=10-20"] {
+        let r = node.req("GET", &loc, &[("Range", range)], b"");
+        assert_eq!(
+            r.status,
+            416,
+            "unsatisfiable Range: {range}: {}",
+            r.describe()
+        );
+        assert_eq!(
+            r.header("content-range").as_deref(),
+            Some("bytes */10"),
+            "416 Content-Range"
+        );
+        assert_server_header(&r, "416");
+    }
+}
+
+#[test]
+fn get_missing_and_directories_are_404() {
+    let node = Node::start(&[]);
+    let r = node.get("/nothing-here.txt");
+    assert_eq!(r.status, 404, "GET missing: {}", r.describe());
+    assert_error_body(&r, "GET missing");
+    let loc = node.put_ok("/a/b/c.txt", b"deep");
+    assert!(
+        node.storage().join("a/b").is_dir(),
+        "sub-directories a/b created on disk"
+    );
+    assert!(
+        node.stored_path(&loc).is_file(),
+        "file at {:?}",
+        node.stored_path(&loc)
+    );
+    for dir in ["/a/b", "/a", "/a/b/"] {
+        let r = node.get(dir);
+        assert!(
+            r.status == 404 || (dir.ends_with('/') && r.status == 400),
+            "GET of directory {dir}: expected 404, got {}",
+            r.describe()
+        );
+        assert_server_header(&r, "GET directory");
+    }
+    assert_eq!(node.head("/a/b").status, 404, "HEAD of a directory");
+    assert_eq!(node.get(&loc).body, b"deep");
+}
+
+#[test]
+fn non_ascii_name_with_space() {
+    let node = Node::start(&[]);
+    let body = "unicode content ✓".as_bytes();
+    let resp = node.put("/h%C3%A9llo%20w%C3%B6rld.txt", body);
+    assert_eq!(resp.status, 201, "PUT non-ASCII name: {}", resp.describe());
+    let loc = resp.header("location").unwrap();
+    assert!(
+        loc.bytes().all(|b| b.is_ascii_graphic()),
+        "Location must be percent-encoded (visible ASCII only), got {loc:?}"
+    );
+    let decoded = String::from_utf8(percent_decode(&loc)).expect("Location decodes to UTF-8");
+    let (stem, _, sha, ext) =
+        split_stored_name(&decoded).unwrap_or_else(|| panic!("bad Location {loc:?}"));
+    assert_eq!(stem, "héllo wörld");
+    assert_eq!(ext, ".txt");
+    assert_eq!(sha, sha1_hex(body));
+    let get = node.get(&loc);
+    assert_eq!(get.status, 200, "GET {loc}: {}", get.describe());
+    assert_eq!(get.body, body);
+    assert!(
+        node.storage()
+            .join(decoded.trim_start_matches('/'))
+            .is_file(),
+        "stored on disk under the decoded name"
+    );
+}
+
+#[test]
+fn delete_then_get_404_and_delete_again_404() {
+    let node = Node::start(&[]);
+    let keep = node.put_ok("/a/keep.txt", b"keep");
+    let loc = node.put_ok("/a/b/only.txt", b"to be deleted");
+    let r = node.delete(&loc);
+    assert_eq!(r.status, 200, "DELETE existing {loc}: {}", r.describe());
+    assert_server_header(&r, "DELETE 200");
+    assert!(!node.stored_path(&loc).exists(), "file removed from disk");
+    let r = node.get(&loc);
+    assert_eq!(r.status, 404, "GET after DELETE: {}", r.describe());
+    let r = node.delete(&loc);
+    assert_eq!(r.status, 404, "second DELETE: {}", r.describe());
+    assert_server_header(&r, "DELETE 404");
+    assert!(
+        wait_until(Duration::from_secs(2), || !node
+            .storage()
+            .join("a/b")
+            .exists()),
+        "empty directory a/b should be removed after the delete"
+    );
+    assert!(
+        node.storage().join("a").is_dir(),
+        "a/ still holds keep.txt and must stay"
+    );
+    assert_eq!(node.get(&keep).body, b"keep");
+}
+
+#[test]
+fn delete_removes_empty_parent_directories() {
+    let node = Node::start(&[]);
+    let loc = node.put_ok("/a/b/c.txt", b"nested");
+    assert_eq!(node.delete(&loc).status, 200);
+    assert!(
+        wait_until(Duration::from_secs(2), || !node
+            .storage()
+            .join("a")
+            .exists()),
+        "a/b and a should be removed when the only file in them is deleted; storage has {:?}",
+        fs::read_dir(node.storage())
+            .map(|d| d.flatten().map(|e| e.file_name()).collect::<Vec<_>>())
+    );
+    assert!(
+        node.storage().is_dir(),
+        "the storage directory itself stays"
+    );
+}
+
+#[test]
+fn put_of_deleted_name_is_409() {
+    let node = Node::start(&[]);
+    let body = b"soon deleted";
+    let loc = node.put_ok("/gone.txt", body);
+    assert_eq!(node.delete(&loc).status, 200);
+    let r = node.put(&loc, body);
+    assert_eq!(
+        r.status,
+        409,
+        "PUT of a deleted stored name: {}",
+        r.describe()
+    );
+    assert_error_body(&r, "PUT 409");
+    assert!(
+        node.stored_files().is_empty(),
+        "409 stores nothing: {:?}",
+        node.stored_files()
+    );
+    assert_eq!(node.get(&loc).status, 404);
+}
+
+#[test]
+fn delete_of_unknown_name_still_enters_deletion_log() {
+    let node = Node::start(&[]);
+    let body = b"travelling copy";
+    let name = format!("/ghost_1600000000_{}.txt", sha1_hex(body));
+    let r = node.delete(&name);
+    assert_eq!(r.status, 404, "DELETE of unknown name: {}", r.describe());
+    let r = node.put(&name, body);
+    assert_eq!(
+        r.status,
+        409,
+        "PUT of a name deleted (while absent): {}",
+        r.describe()
+    );
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+}
+
+#[test]
+fn status_endpoint() {
+    let node = Node::start(&[]);
+    let r = node.get("/_status");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_server_header(&r, "GET /_status");
+    let json: serde_json::Value = serde_json::from_slice(&r.body)
+        .unwrap_or_else(|e| panic!("/_status is not JSON ({e}): {}", r.describe()));
+    assert!(
+        json["queues"].is_object(),
+        "/_status needs a `queues` object: {json}"
+    );
+    assert_eq!(
+        json["queues"].as_object().unwrap().len(),
+        0,
+        "no neighbours, no queues: {json}"
+    );
+    for method in ["PUT", "DELETE"] {
+        let r = node.req(method, "/_status", &[], b"x");
+        assert_eq!(r.status, 405, "{method} /_status: {}", r.describe());
+        assert!(
+            r.header("allow").is_some(),
+            "405 needs an Allow header: {}",
+            r.describe()
+        );
+        assert_server_header(&r, "405 on /_status");
+    }
+    assert!(
+        node.stored_files().is_empty(),
+        "nothing stored by PUT /_status"
+    );
+}
+
+#[test]
+fn status_lists_neighbour_queues() {
+    // The node's own URL in the --node list is skipped.
+    // A neighbour that accepts connections (into the backlog) but never
+    // answers: the operation cannot be accepted, so it stays queued.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let dead = format!("http://127.0.0.1:{}", silent.local_addr().unwrap().port());
+    let node = Node::start(&[
+        "--url",
+        "http://127.0.0.1:{port}",
+        "--node",
+        "http://127.0.0.1:{port}",
+        "--node",
+        &dead,
+    ]);
+    node.put_ok("/q.txt", b"queued for the dead neighbour");
+    let r = node.get("/_status");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    let json: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
+    let queues = json["queues"]
+        .as_object()
+        .unwrap_or_else(|| panic!("no queues object: {json}"));
+    assert_eq!(queues.len(), 1, "one neighbour (self skipped): {json}");
+    let (key, q) = queues.iter().next().unwrap();
+    assert_eq!(
+        key.trim_end_matches('/'),
+        dead,
+        "queue keyed by the neighbour URL: {json}"
+    );
+    assert!(
+        q["length"].as_u64().is_some_and(|n| n >= 1),
+        "queued PUT counted: {json}"
+    );
+}
+
+#[test]
+fn other_methods_are_405_with_allow() {
+    let node = Node::start(&[]);
+    let loc = node.put_ok("/m.txt", b"methods");
+    for method in ["POST", "PATCH"] {
+        for path in [loc.as_str(), "/not-there.txt"] {
+            let r = node.req(method, path, &[], b"data");
+            assert_eq!(r.status, 405, "{method} {path}: {}", r.describe());
+            let allow = r
+                .header("allow")
+                .unwrap_or_else(|| panic!("405 without Allow: {}", r.describe()));
+            for m in ["GET", "PUT", "DELETE"] {
+                assert!(allow.contains(m), "Allow {allow:?} should list {m}");
+            }
+            assert!(
+                !allow.contains(method),
+                "Allow {allow:?} must not list {method}"
+            );
+            assert_error_body(&r, "405");
+        }
+    }
+    assert_eq!(
+        node.get(&loc).body,
+        b"methods",
+        "file untouched by POST/PATCH"
+    );
+}
+
+#[test]
+fn empty_body_put() {
+    let node = Node::start(&[]);
+    let loc = put_new(&node, "/empty.txt", b"", "empty", ".txt");
+    assert!(loc.contains(EMPTY_SHA1));
+    let r = node.get(&loc);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.header("content-length").as_deref(), Some("0"));
+    assert!(r.body.is_empty());
+    assert_eq!(fs::metadata(node.stored_path(&loc)).unwrap().len(), 0);
+}
+
+#[test]
+fn expect_100_continue() {
+    let node = Node::start(&[]);
+    let body = Rng::new(100).bytes(3000);
+    let mut conn = Conn::open(node.port());
+    conn.set_read_timeout(Duration::from_secs(10));
+    let head = build_head(
+        node.port(),
+        "PUT",
+        "/cont.bin",
+        &[("Expect", "100-continue")],
+        Some(body.len()),
+    );
+    conn.send(&head).unwrap();
+    let interim = conn
+        .read_head()
+        .unwrap_or_else(|e| panic!("no `HTTP/1.1 100 Continue` before sending the body: {e}"));
+    assert_eq!(
+        interim.status, 100,
+        "expected 100 Continue first, got {interim:?}"
+    );
+    conn.send(&body).unwrap();
+    let resp = conn.read_response(false).expect("final response");
+    assert_eq!(resp.status, 201, "after 100 Continue: {}", resp.describe());
+    let loc = resp.header("location").unwrap();
+    assert!(loc.contains(&sha1_hex(&body)));
+    assert_eq!(node.get(&loc).body, body);
+}
+
+#[test]
+fn chunked_upload() {
+    let node = Node::start(&[]);
+    let big = Rng::new(5).bytes(100_000);
+    let chunks: [&[u8]; 4] = [b"hello ", b"chunked ", b"world", &big];
+    let all: Vec<u8> = chunks.concat();
+    let r = request_chunked(node.port(), "PUT", "/chunky.bin", &[], &chunks);
+    assert_eq!(r.status, 201, "chunked PUT: {}", r.describe());
+    let loc = r.header("location").unwrap();
+    assert!(
+        loc.contains(&sha1_hex(&all)),
+        "Location {loc} has the SHA1 of the whole body"
+    );
+    let g = node.get(&loc);
+    assert_eq!(g.status, 200);
+    assert_eq!(
+        sha1_hex(&g.body),
+        sha1_hex(&all),
+        "chunked upload stored completely"
+    );
+    // With a matching X-Content-SHA1 too.
+    let body = b"chunked and checked";
+    let r = request_chunked(
+        node.port(),
+        "PUT",
+        "/cc.txt",
+        &[("X-Content-SHA1", &sha1_hex(body))],
+        &[&body[..5], &body[5..]],
+    );
+    assert_eq!(
+        r.status,
+        201,
+        "chunked PUT with X-Content-SHA1: {}",
+        r.describe()
+    );
+}
+
+#[test]
+fn max_size_413() {
+    let node = Node::start(&["--max-size", "1K"]);
+    let ok = Rng::new(1).bytes(1024);
+    let loc = node.put_ok("/fits.bin", &ok);
+    for n in [1025usize, 2000] {
+        let body = Rng::new(n as u64).bytes(n);
+        let r = node.put("/big.bin", &body);
+        assert_eq!(
+            r.status,
+            413,
+            "{n}-byte PUT with --max-size 1K: {}",
+            r.describe()
+        );
+        assert_error_body(&r, "413");
+    }
+    let body = Rng::new(9).bytes(2000);
+    let chunks: Vec<&[u8]> = body.chunks(500).collect();
+    let r = request_chunked(node.port(), "PUT", "/bigchunked.bin", &[], &chunks);
+    assert_eq!(
+        r.status,
+        413,
+        "2000-byte chunked PUT with --max-size 1K: {}",
+        r.describe()
+    );
+    assert_eq!(
+        node.stored_files(),
+        vec![loc.trim_start_matches('/').to_string()],
+        "only the 1024-byte file is stored"
+    );
+    node.assert_tmp_empty_soon("after 413s");
+}
+
+#[test]
+fn stalled_body_gets_408_and_leaves_nothing() {
+    let node = Node::start(&["--read-timeout", "1"]);
+    let mut conn = Conn::open(node.port());
+    let head = build_head(node.port(), "PUT", "/stall.bin", &[], Some(100_000));
+    conn.send(&head).unwrap();
+    conn.send(&Rng::new(3).bytes(1000)).unwrap();
+    let start = Instant::now();
+    conn.set_read_timeout(Duration::from_secs(15));
+    let outcome = conn.read_response(false);
+    let elapsed = start.elapsed();
+    match &outcome {
+        Ok(r) => assert_eq!(
+            r.status,
+            408,
+            "stalled body: expected 408, got {}",
+            r.describe()
+        ),
+        Err(e) => assert!(
+            conn.buffered().is_empty()
+                && matches!(
+                    e.kind(),
+                    std::io::ErrorKind::UnexpectedEof | std::io::ErrorKind::ConnectionReset
+                ),
+            "stalled body: expected 408 or a closed connection, got {e}"
+        ),
+    }
+    assert!(
+        elapsed >= Duration::from_millis(800),
+        "answered after {elapsed:?}, before the 1 s read timeout could have passed: {outcome:?}"
+    );
+    assert!(
+        elapsed < Duration::from_secs(10),
+        "took {elapsed:?} to give up on a stalled body"
+    );
+    assert!(
+        node.stored_files().is_empty(),
+        "nothing stored: {:?}",
+        node.stored_files()
+    );
+    node.assert_tmp_empty_soon("after a stalled upload");
+    // The node still works.
+    node.put_ok("/after.txt", b"still alive");
+}
+
+#[test]
+fn slow_but_steady_body_is_not_cut() {
+    // The read timeout is about progress, not total duration.
+    let node = Node::start(&["--read-timeout", "1"]);
+    let body = b"0123456789";
+    let mut conn = Conn::open(node.port());
+    conn.send(&build_head(
+        node.port(),
+        "PUT",
+        "/slow.txt",
+        &[],
+        Some(body.len()),
+    ))
+    .unwrap();
+    for b in body {
+        std::thread::sleep(Duration::from_millis(300));
+        conn.send(&[*b])
+            .expect("server closed a connection that was making progress");
+    }
+    let r = conn.read_response(false).expect("response");
+    assert_eq!(
+        r.status,
+        201,
+        "3 s upload with progress every 0.3 s and --read-timeout 1: {}",
+        r.describe()
+    );
+    assert_eq!(node.get(&r.header("location").unwrap()).body, body);
+}

@@ -1,0 +1,331 @@
+//! Durability (SPEC "HTTP API (one node)" promises of a 201/200, "Command
+//! line" shutdown): files survive restarts and crashes, crashes leave nothing
+//! partial, big files stream in bounded memory.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::io::ErrorKind;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use sha1::{Digest, Sha1};
+
+use common::*;
+
+const MIB: u64 = 1024 * 1024;
+
+/// Store `count` files of mixed sizes (0 B .. 1 MiB, some in
+/// sub-directories) with `threads` parallel clients; returns (Location, sha1).
+fn store_mixed(node: &Node, count: usize, threads: usize, seed: u64) -> Vec<(String, String)> {
+    let port = node.port();
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            std::thread::spawn(move || {
+                let mut out = Vec::new();
+                for i in (t..count).step_by(threads) {
+                    let mut rng = Rng::new(seed * 100_000 + i as u64);
+                    let size = match i % 10 {
+                        _ if i == 0 => 0,
+                        _ if i == 1 => MIB as usize,
+                        0 => rng.below(MIB + 1) as usize,
+                        1 | 2 => rng.below(64 * 1024) as usize,
+                        _ => rng.below(4096) as usize,
+                    };
+                    let body = rng.bytes(size);
+                    let name = match i % 4 {
+                        0 => format!("/top{i}.bin"),
+                        1 => format!("/d{}/f{i}.dat", i % 7),
+                        2 => format!("/d{}/e{}/g{i}.txt", i % 5, i % 3),
+                        _ => format!("/n{i}"),
+                    };
+                    let r = request(port, "PUT", &name, &[], &body);
+                    assert_eq!(r.status, 201, "PUT {name} ({size} bytes): {}", r.describe());
+                    let loc = r.header("location").expect("Location");
+                    out.push((loc, sha1_hex(&body)));
+                }
+                out
+            })
+        })
+        .collect();
+    handles
+        .into_iter()
+        .flat_map(|h| h.join().expect("uploader thread"))
+        .collect()
+}
+
+fn verify_all(node: &Node, files: &[(String, String)], when: &str) {
+    for (loc, sha) in files {
+        let r = node.get(loc);
+        assert_eq!(r.status, 200, "{when}: GET {loc}: {}", r.describe());
+        assert_eq!(&sha1_hex(&r.body), sha, "{when}: content of {loc}");
+        assert!(
+            loc.contains(sha.as_str()),
+            "{when}: Location {loc} names the content SHA1"
+        );
+        let on_disk = std::fs::read(node.stored_path(loc))
+            .unwrap_or_else(|e| panic!("{when}: {loc} on disk: {e}"));
+        assert_eq!(&sha1_hex(&on_disk), sha, "{when}: {loc} on disk");
+    }
+}
+
+fn expected_paths(files: &[(String, String)]) -> BTreeSet<String> {
+    files
+        .iter()
+        .map(|(loc, _)| String::from_utf8(percent_decode(loc.trim_start_matches('/'))).unwrap())
+        .collect()
+}
+
+#[test]
+fn many_files_survive_clean_restart() {
+    let mut node = Node::start(&[]);
+    let files = store_mixed(&node, 300, 3, 1);
+    assert_eq!(files.len(), 300);
+    verify_all(&node, &files, "before restart");
+    assert_eq!(
+        node.stored_files().into_iter().collect::<BTreeSet<_>>(),
+        expected_paths(&files),
+        "storage holds exactly the 300 stored files"
+    );
+    let status = node.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM must end with exit status 0, got {status}"
+    );
+    node.restart();
+    verify_all(&node, &files, "after clean restart");
+    for (loc, _) in files.iter().take(20) {
+        let r = node.get(loc);
+        let body = r.body.clone();
+        let again = node.put(loc, &body);
+        assert_eq!(
+            again.status,
+            302,
+            "after restart, re-PUT {loc} is known: {}",
+            again.describe()
+        );
+    }
+    node.assert_tmp_empty_soon("after clean restart");
+}
+
+#[test]
+fn sigterm_exits_zero_even_with_idle_connection() {
+    let mut node = Node::start(&[]);
+    let loc = node.put_ok("/x.txt", b"x");
+    // An idle keep-alive connection must not keep the node from stopping.
+    let mut idle = Conn::open(node.port());
+    idle.send(b"GET /_status HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    let head = idle.read_head().expect("keep-alive response");
+    assert_eq!(head.status, 200);
+    let status = node.stop_within(Duration::from_secs(15));
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM must end with exit status 0, got {status}"
+    );
+    drop(idle);
+    node.restart();
+    assert_eq!(node.get(&loc).body, b"x");
+}
+
+#[test]
+fn kill9_during_large_upload_leaves_nothing_partial() {
+    let mut node = Node::start(&[]);
+    let before = store_mixed(&node, 10, 1, 2);
+    let port = node.port();
+    let sent = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let sent = sent.clone();
+        let stop = stop.clone();
+        std::thread::spawn(move || {
+            let total: u64 = 200 * MIB;
+            let mut conn = Conn::open(port);
+            let head = build_head(port, "PUT", "/big/upload.bin", &[], Some(total as usize));
+            let mut rng = Rng::new(77);
+            let mut buf = vec![0u8; 64 * 1024];
+            let mut result = conn.send(&head);
+            let mut n = 0u64;
+            while result.is_ok() && n < total && !stop.load(Ordering::Relaxed) {
+                rng.fill(&mut buf);
+                result = conn.send(&buf);
+                n += buf.len() as u64;
+                sent.store(n, Ordering::Relaxed);
+                if n > 16 * MIB {
+                    // Slow down so the kill lands mid-body.
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+            }
+            let _ = done_tx.send((n, result.err()));
+        });
+    }
+    let reached = wait_until(Duration::from_secs(60), || {
+        sent.load(Ordering::Relaxed) >= 24 * MIB
+    });
+    assert!(reached, "could not send 24 MiB of the upload within 60 s");
+    node.kill9();
+    let (n, err) = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("uploader ends after the kill");
+    stop.store(true, Ordering::Relaxed);
+    assert!(
+        n < 200 * MIB,
+        "the kill must land mid-body (sent {n} bytes)"
+    );
+    assert!(
+        err.as_ref().is_some_and(|e| matches!(
+            e.kind(),
+            ErrorKind::BrokenPipe | ErrorKind::ConnectionReset
+        )),
+        "upload should be cut by the kill, got {err:?}"
+    );
+
+    node.restart();
+    let r = node.get("/_status");
+    assert_eq!(r.status, 200, "node serves after kill -9: {}", r.describe());
+    assert_eq!(
+        node.stored_files().into_iter().collect::<BTreeSet<_>>(),
+        expected_paths(&before),
+        "only the files stored before the crash are visible"
+    );
+    node.assert_tmp_empty_soon("leftover temp file of the killed upload after restart");
+    verify_all(&node, &before, "after kill -9");
+    let r = node.get("/big/upload.bin");
+    assert_eq!(
+        r.status,
+        404,
+        "the unfinished upload is not served: {}",
+        r.describe()
+    );
+}
+
+#[test]
+fn acknowledged_puts_and_deletes_survive_kill9() {
+    let mut node = Node::start(&[]);
+    let files = store_mixed(&node, 30, 2, 3);
+    let body = b"deleted before the crash";
+    let deleted = node.put_ok("/del/me.txt", body);
+    let r = node.delete(&deleted);
+    assert_eq!(r.status, 200, "DELETE {deleted}: {}", r.describe());
+    node.kill9();
+    node.restart();
+    verify_all(&node, &files, "after kill -9 right after the 201s");
+    let r = node.get(&deleted);
+    assert_eq!(
+        r.status,
+        404,
+        "deleted file stays deleted after kill -9: {}",
+        r.describe()
+    );
+    let r = node.put(&deleted, body);
+    assert_eq!(
+        r.status,
+        409,
+        "deletion log survives kill -9: re-PUT {deleted}: {}",
+        r.describe()
+    );
+    assert!(
+        !node.stored_path(&deleted).exists(),
+        "no file re-created by the refused PUT"
+    );
+    assert!(
+        !node.storage().join("del").exists(),
+        "emptied directory removed"
+    );
+    let status = node.stop();
+    assert_eq!(status.code(), Some(0), "SIGTERM after recovery: {status}");
+}
+
+#[test]
+fn one_gib_streams_in_bounded_memory() {
+    const SIZE: u64 = 1024 * MIB;
+    const CHUNK: usize = 256 * 1024;
+    let node = Node::start(&[]);
+    let started = Instant::now();
+
+    // Upload, generating and hashing on the fly.
+    let mut conn = Conn::open(node.port());
+    conn.send(&build_head(
+        node.port(),
+        "PUT",
+        "/huge.bin",
+        &[],
+        Some(SIZE as usize),
+    ))
+    .unwrap();
+    let mut rng = Rng::new(1 << 30);
+    let mut hasher = Sha1::new();
+    let mut buf = vec![0u8; CHUNK];
+    let mut sent = 0u64;
+    while sent < SIZE {
+        rng.fill(&mut buf);
+        hasher.update(&buf);
+        conn.send(&buf)
+            .unwrap_or_else(|e| panic!("upload cut after {sent} bytes: {e}"));
+        sent += CHUNK as u64;
+    }
+    let sha = hex(&hasher.finalize());
+    let r = conn.read_response(false).expect("PUT response");
+    assert_eq!(r.status, 201, "1 GiB PUT: {}", r.describe());
+    let loc = r.header("location").unwrap();
+    assert!(loc.contains(&sha), "Location {loc} should carry SHA1 {sha}");
+    let upload_time = started.elapsed();
+
+    // Download, comparing with the regenerated stream (cheaper than hashing).
+    let mut conn = Conn::open(node.port());
+    conn.send(&build_head(node.port(), "GET", &loc, &[], None))
+        .unwrap();
+    let head = conn.read_head().expect("GET head");
+    assert_eq!(head.status, 200, "GET {loc}: {head:?}");
+    assert_eq!(head.header("content-length"), Some(SIZE.to_string()));
+    assert_eq!(
+        head.header("x-content-sha1")
+            .map(|s| s.to_ascii_lowercase()),
+        Some(sha.clone())
+    );
+    let mut rng = Rng::new(1 << 30);
+    let mut expect = vec![0u8; CHUNK];
+    let mut pos = 0usize; // position inside `expect`
+    let mut offset = 0u64;
+    let mut mismatch: Option<u64> = None;
+    rng.fill(&mut expect);
+    let got = conn
+        .read_body_with(&head, false, &mut |mut data: &[u8]| {
+            while !data.is_empty() {
+                if pos == CHUNK {
+                    rng.fill(&mut expect);
+                    pos = 0;
+                }
+                let take = data.len().min(CHUNK - pos);
+                if mismatch.is_none() && data[..take] != expect[pos..pos + take] {
+                    mismatch = Some(offset);
+                }
+                pos += take;
+                offset += take as u64;
+                data = &data[take..];
+            }
+        })
+        .expect("download");
+    assert_eq!(got, SIZE, "downloaded size");
+    assert_eq!(
+        mismatch, None,
+        "downloaded bytes differ from the uploaded ones (chunk starting near this offset)"
+    );
+
+    let hwm_kib = node.peak_rss_kib();
+    eprintln!(
+        "1 GiB: upload {upload_time:?}, total {:?}, server peak RSS {} MiB",
+        started.elapsed(),
+        hwm_kib / 1024
+    );
+    assert!(
+        hwm_kib < 64 * 1024,
+        "server peak RSS (VmHWM) {hwm_kib} KiB must stay under 64 MiB while streaming 1 GiB"
+    );
+    let on_disk = std::fs::metadata(node.stored_path(&loc)).unwrap().len();
+    assert_eq!(on_disk, SIZE);
+}
