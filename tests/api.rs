@@ -634,6 +634,7 @@ fn status_lists_neighbour_queues() {
         q["length"].as_u64().is_some_and(|n| n >= 1),
         "queued PUT counted: {json}"
     );
+    drop(silent);
 }
 
 #[test]

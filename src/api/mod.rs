@@ -166,6 +166,10 @@ impl Api {
         let etag = sha1.as_ref().map(|s| format!("\"{s}\""));
 
         let mut headers = HeaderMap::new();
+        headers.insert(
+            header::X_CONTENT_TYPE_OPTIONS,
+            HeaderValue::from_static("nosniff"),
+        );
         if let Some(etag) = &etag {
             headers.insert(header::ETAG, hv(etag));
         }
@@ -184,6 +188,14 @@ impl Api {
 
         let mime = mime_guess::from_path(name).first_or_octet_stream();
         headers.insert(header::CONTENT_TYPE, hv(mime.essence_str()));
+        if is_active_content(mime.essence_str()) {
+            // Opened directly, an uploaded page or image must not run script
+            // with the linking application's origin.
+            headers.insert(
+                header::CONTENT_SECURITY_POLICY,
+                HeaderValue::from_static("sandbox"),
+            );
+        }
         if let Some(sha1) = &sha1 {
             headers.insert(X_CONTENT_SHA1.clone(), hv(sha1));
         }
@@ -439,6 +451,14 @@ impl Api {
     }
 }
 
+/// Types a browser would render and run script in.
+fn is_active_content(mime: &str) -> bool {
+    matches!(
+        mime,
+        "text/html" | "image/svg+xml" | "application/xhtml+xml" | "application/xml" | "text/xml"
+    ) || mime.ends_with("+xml")
+}
+
 /// 304 per RFC 9110 §13.2.2: If-None-Match decides when present, otherwise If-Modified-Since.
 fn not_modified(headers: &HeaderMap, etag: Option<&str>, mtime: SystemTime) -> bool {
     if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
@@ -590,6 +610,16 @@ impl NameLocks {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn active_content_types() {
+        for m in ["text/html", "image/svg+xml", "application/xml", "application/atom+xml"] {
+            assert!(is_active_content(m), "{m}");
+        }
+        for m in ["text/plain", "image/png", "application/octet-stream", "application/json"] {
+            assert!(!is_active_content(m), "{m}");
+        }
+    }
 
     #[test]
     fn hex_encodes() {
