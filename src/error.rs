@@ -24,6 +24,8 @@ pub enum Error {
     ReadTimeout(u64),
     #[error("the body is larger than the limit of {0} bytes")]
     TooLarge(u64),
+    #[error("the request headers are larger than {0} bytes")]
+    HeadersTooLarge(usize),
     #[error("authorization required: send Authorization: Bearer <token>")]
     Unauthorized,
     #[error("method not allowed here; allowed: {0}")]
@@ -54,6 +56,7 @@ impl Error {
             }
             Error::ReadTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             Error::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            Error::HeadersTooLarge(_) => StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::NotFound => StatusCode::NOT_FOUND,

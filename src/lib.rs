@@ -59,14 +59,15 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         );
     }
     let stats = replicate::Stats::default();
-    let senders = replicate::start(&config, &state, &store, &stats)?;
+    let locks = Arc::new(store::NameLocks::new());
+    let senders = replicate::start(&config, &state, &store, &locks, &stats)?;
     tracing::info!(
         "cockatiel {} serving {} on http://{addr} with {} neighbour(s)",
         config::VERSION,
         config.storage.display(),
         config.neighbours.len()
     );
-    let api = Arc::new(api::Api::new(store, state, config.clone(), stats));
+    let api = Arc::new(api::Api::new(store, state, locks, config.clone(), stats));
     api::server::serve(listener, api, &config, shutdown).await;
     for s in senders {
         s.abort();

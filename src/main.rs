@@ -49,7 +49,11 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(cockatiel::run(config, shutdown_signal())) {
+    let result = runtime.block_on(cockatiel::run(config, shutdown_signal()));
+    // Blocking file work still running is cut after a bound; a cut upload
+    // leaves only a temp file, which the next start removes.
+    runtime.shutdown_timeout(std::time::Duration::from_secs(5));
+    match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cockatiel: {e}");

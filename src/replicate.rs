@@ -16,7 +16,7 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::name;
 use crate::state::{unix_now, Op, OpKind, State};
-use crate::store::{self, Store};
+use crate::store::{self, NameLocks, Store};
 
 /// The next retry delay after a failure: doubling from `min`, capped at `max`.
 pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
@@ -61,6 +61,7 @@ pub fn start(
     config: &Arc<Config>,
     state: &State,
     store: &Arc<Store>,
+    locks: &Arc<NameLocks>,
     stats: &Stats,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, ReplicateError> {
     let mut builder = reqwest::Client::builder()
@@ -84,6 +85,7 @@ pub fn start(
             config: config.clone(),
             state: state.clone(),
             store: store.clone(),
+            locks: locks.clone(),
             stats: stats.clone(),
         };
         handles.push(tokio::spawn(sender.run()));
@@ -97,6 +99,7 @@ struct Sender {
     config: Arc<Config>,
     state: State,
     store: Arc<Store>,
+    locks: Arc<NameLocks>,
     stats: Stats,
 }
 
@@ -209,10 +212,15 @@ impl Sender {
             OpKind::Put => {
                 let store = self.store.clone();
                 let n = op.name.clone();
+                // An upload logs its operation before renaming the file into
+                // place, under this lock: holding it, a missing file is really
+                // missing, not about to appear.
+                let guard = self.locks.lock(&op.name).await;
                 let opened = tokio::task::spawn_blocking(move || store.open_file(&n))
                     .await
                     .map_err(|e| e.to_string())?
                     .map_err(|e| e.to_string())?;
+                drop(guard);
                 // Deleted since it was queued (its deletion is queued too), or
                 // never placed because of a crash: nothing to send.
                 let Some((file, stat)) = opened else {

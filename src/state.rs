@@ -193,11 +193,7 @@ impl State {
     /// Stop the writer after it has committed everything sent to it, and
     /// close the database (when this is the last handle).
     pub fn close(self) {
-        let handle = self
-            .writer
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
+        let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
         drop(self);
         if let Some(handle) = handle {
             let _ = handle.join();
@@ -472,9 +468,7 @@ impl Writer {
                         .map_or(0, |v| v.value());
                     upto = upto.min(p);
                 }
-                oplog
-                    .retain_in(..=upto, |_, _| false)
-                    .map_err(db_err)?;
+                oplog.retain_in(..=upto, |_, _| false).map_err(db_err)?;
             }
         }
         txn.commit().map_err(db_err)?;

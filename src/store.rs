@@ -374,6 +374,37 @@ impl Drop for TempFile {
     }
 }
 
+/// Striped locks over names: a PUT and a DELETE of the same name never
+/// interleave their commit-and-rename / commit-and-unlink steps, so a
+/// deletion can never be overtaken by the rename of a concurrent upload;
+/// and a sender that finds a logged file missing knows, once it holds the
+/// lock, that the upload is not still between its commit and its rename.
+pub struct NameLocks {
+    stripes: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl NameLocks {
+    pub fn new() -> NameLocks {
+        NameLocks {
+            stripes: (0..256).map(|_| tokio::sync::Mutex::new(())).collect(),
+        }
+    }
+
+    pub async fn lock(&self, name: &str) -> tokio::sync::MutexGuard<'_, ()> {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        name.hash(&mut h);
+        let i = (h.finish() % self.stripes.len() as u64) as usize;
+        self.stripes[i].lock().await
+    }
+}
+
+impl Default for NameLocks {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 /// Stream `count` bytes of `file` from `start`, one blocking read per chunk.
 pub fn file_stream(
     file: File,

@@ -616,7 +616,10 @@ fn status_lists_neighbour_queues() {
         "--node",
         &dead,
     ]);
-    node.put_ok("/q.txt", b"queued for the dead neighbour");
+    for i in 0..20 {
+        node.put_ok(&format!("/q{i}.txt"), format!("queued {i}").as_bytes());
+    }
+    assert_eq!(node.delete("/q_1_0000.txt").status, 404);
     let r = node.get("/_status");
     assert_eq!(r.status, 200, "{}", r.describe());
     let json: serde_json::Value = serde_json::from_slice(&r.body).expect("JSON");
@@ -631,8 +634,8 @@ fn status_lists_neighbour_queues() {
         "queue keyed by the neighbour URL: {json}"
     );
     assert!(
-        q["length"].as_u64().is_some_and(|n| n >= 1),
-        "queued PUT counted: {json}"
+        q["length"].as_u64() == Some(21),
+        "a neighbour that never answers has accepted nothing: all 20 PUTs and the DELETE stay queued: {json}"
     );
     drop(silent);
 }
@@ -848,4 +851,107 @@ fn slow_but_steady_body_is_not_cut() {
         r.describe()
     );
     assert_eq!(node.get(&r.header("location").unwrap()).body, body);
+}
+
+#[test]
+fn client_disconnect_mid_body_leaves_nothing() {
+    let node = Node::start(&[]);
+    let mut conn = Conn::open(node.port());
+    let head = build_head(node.port(), "PUT", "/cut/off.bin", &[], Some(1_000_000));
+    conn.send(&head).unwrap();
+    conn.send(&Rng::new(11).bytes(300_000)).unwrap();
+    conn.stream.shutdown(std::net::Shutdown::Both).unwrap();
+    drop(conn);
+    node.assert_tmp_empty_soon("after a client hung up mid-body");
+    assert!(
+        node.stored_files().is_empty(),
+        "a cut-off upload must not be stored: {:?}",
+        node.stored_files()
+    );
+    assert_eq!(node.get("/_status").status, 200, "node still serving");
+    node.put_ok("/cut/off.bin", b"complete this time");
+}
+
+#[test]
+fn concurrent_puts_of_the_same_name() {
+    let node = Node::start(&[]);
+    let body = Rng::new(21).bytes(300_000);
+    let name = format!("/race_1700000000_{}.bin", sha1_hex(&body));
+    let port = node.port();
+    let threads: Vec<_> = (0..8)
+        .map(|_| {
+            let body = body.clone();
+            let name = name.clone();
+            std::thread::spawn(move || request(port, "PUT", &name, &[], &body))
+        })
+        .collect();
+    let responses: Vec<Response> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let created = responses.iter().filter(|r| r.status == 201).count();
+    let existing = responses.iter().filter(|r| r.status == 302).count();
+    assert!(
+        created == 1 && existing == 7,
+        "8 concurrent PUTs of one stored name: expected one 201 and seven 302, got {:?}",
+        responses.iter().map(|r| r.status).collect::<Vec<_>>()
+    );
+    for r in &responses {
+        assert_eq!(r.header("location").as_deref(), Some(name.as_str()));
+    }
+    assert_eq!(sha1_hex(&node.get(&name).body), sha1_hex(&body));
+    assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
+    node.assert_tmp_empty_soon("after concurrent PUTs");
+}
+
+#[test]
+fn reserved_uri_characters_round_trip_through_location() {
+    let node = Node::start(&[]);
+    let body = b"odd name";
+    // Decoded name: `we#ird?na%me+plus;semi[x].txt`
+    let r = node.put("/we%23ird%3Fna%25me+plus;semi%5Bx%5D.txt", body);
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let loc = r.header("location").unwrap();
+    let decoded = String::from_utf8(percent_decode(&loc)).unwrap();
+    let (stem, _, _, ext) =
+        split_stored_name(&decoded).unwrap_or_else(|| panic!("bad Location {loc:?}"));
+    assert_eq!(stem, "we#ird?na%me+plus;semi[x]");
+    assert_eq!(ext, ".txt");
+    for c in ['#', '?', ' '] {
+        assert!(
+            !loc.contains(c),
+            "Location {loc:?} must percent-encode {c:?}"
+        );
+    }
+    let g = node.get(&loc);
+    assert_eq!(g.status, 200, "GET of the Location {loc}: {}", g.describe());
+    assert_eq!(g.body, body);
+    assert_eq!(
+        node.put(&loc, body).status,
+        302,
+        "re-PUT to the Location is idempotent"
+    );
+}
+
+#[test]
+fn query_string_is_not_part_of_the_name() {
+    let node = Node::start(&[]);
+    let loc = node.put_ok("/q.txt", b"query");
+    let r = node.get(&format!("{loc}?v=2"));
+    assert_eq!(r.status, 200, "GET with a query string: {}", r.describe());
+    assert_eq!(r.body, b"query");
+}
+
+#[test]
+fn max_size_suffixes_are_powers_of_1024() {
+    let node = Node::start(&["--max-size", "1M"]);
+    let exact = Rng::new(31).bytes(1024 * 1024);
+    node.put_ok("/exact.bin", &exact);
+    let over = Rng::new(32).bytes(1024 * 1024 + 1);
+    let r = node.put("/over.bin", &over);
+    assert_eq!(
+        r.status,
+        413,
+        "1 MiB + 1 byte with --max-size 1M: {}",
+        r.describe()
+    );
+    assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
+    node.assert_tmp_empty_soon("after 413");
 }

@@ -24,6 +24,7 @@ fn store_canary(node: &Node) -> Canary {
     }
 }
 
+#[track_caller]
 fn assert_canary_intact(node: &Node, canary: &Canary) {
     let r = node.get(&canary.location);
     assert_eq!(
@@ -54,6 +55,7 @@ fn assert_nothing_escaped(node: &Node) {
     );
 }
 
+#[track_caller]
 fn assert_refused(resp: &Response, what: &str) {
     assert!(
         (400..500).contains(&resp.status),
@@ -63,6 +65,7 @@ fn assert_refused(resp: &Response, what: &str) {
     assert_error_body(resp, what);
 }
 
+#[track_caller]
 fn assert_400(resp: &Response, what: &str) {
     assert_eq!(
         resp.status,
@@ -342,17 +345,26 @@ fn huge_headers_get_431() {
         "GET {} HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\nConnection: close\r\n\r\n",
         canary.location
     );
-    let r = raw(node.port(), req.as_bytes());
-    assert_eq!(r.status, 431, "20 KiB of headers: {}", r.describe());
-    assert_server_header(&r, "431");
+    let one_big = raw(node.port(), req.as_bytes());
+    assert_eq!(
+        one_big.status,
+        431,
+        "one 20 KiB header: {}",
+        one_big.describe()
+    );
     // Many small headers adding up to 20 KiB.
-    let mut req = format!("GET {} HTTP/1.1\r\nHost: x\r\n", canary.location);
+    let mut req = String::from("PUT /many.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n");
     for i in 0..400 {
         req.push_str(&format!("X-H{i}: {}\r\n", "b".repeat(45)));
     }
-    req.push_str("Connection: close\r\n\r\n");
-    let r = raw(node.port(), req.as_bytes());
-    assert_eq!(r.status, 431, "400 headers, ~20 KiB: {}", r.describe());
+    req.push_str("Connection: close\r\n\r\nx");
+    let many = raw(node.port(), req.as_bytes());
+    assert_eq!(
+        many.status,
+        431,
+        "400 headers, ~20 KiB: {}",
+        many.describe()
+    );
     // 8 KiB of headers is fine.
     let ok = "c".repeat(8 * 1024);
     let r = node.req("GET", &canary.location, &[("X-Ok", &ok)], b"");
@@ -362,7 +374,11 @@ fn huge_headers_get_431() {
         "8 KiB of headers is allowed: {}",
         r.describe()
     );
+    assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
     assert_canary_intact(&node, &canary);
+    // Like every response, a 431 names the server and says what was wrong.
+    assert_error_body(&one_big, "431 for one 20 KiB header");
+    assert_error_body(&many, "431 for 400 headers");
 }
 
 #[test]
@@ -431,4 +447,61 @@ fn garbage_requests_are_4xx() {
     );
     node.assert_tmp_empty_soon("after malformed uploads");
     assert_canary_intact(&node, &canary);
+}
+
+fn check_token_protection(node: &Node, secret: &str) {
+    let body = b"protected upload";
+    let bearer = format!("Bearer {secret}");
+    let wrong = format!("Bearer {secret}x");
+    for auth in [
+        None,
+        Some(wrong.as_str()),
+        Some("Basic dXNlcjpwYXNz"),
+        Some(secret),
+    ] {
+        let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("Authorization", *a)).collect();
+        let r = node.req("PUT", "/p.txt", &headers, body);
+        assert_eq!(
+            r.status,
+            401,
+            "PUT with Authorization {auth:?}: {}",
+            r.describe()
+        );
+        assert_error_body(&r, "401");
+    }
+    assert!(
+        node.stored_files().is_empty(),
+        "401 stores nothing: {:?}",
+        node.stored_files()
+    );
+    let r = node.req("PUT", "/p.txt", &[("Authorization", &bearer)], body);
+    assert_eq!(r.status, 201, "PUT with the token: {}", r.describe());
+    let loc = r.header("location").unwrap();
+    let r = node.get(&loc);
+    assert_eq!(r.status, 200, "reads stay public: {}", r.describe());
+    assert_eq!(r.body, body);
+    assert_eq!(node.head(&loc).status, 200, "HEAD stays public");
+    assert_eq!(node.get("/_status").status, 200, "status stays public");
+    let r = node.req("DELETE", &loc, &[("Authorization", &wrong)], b"");
+    assert_eq!(r.status, 401, "DELETE with a wrong token: {}", r.describe());
+    let r = node.delete(&loc);
+    assert_eq!(r.status, 401, "DELETE without a token: {}", r.describe());
+    assert_eq!(node.get(&loc).status, 200, "refused DELETE removed nothing");
+    let r = node.req("DELETE", &loc, &[("Authorization", &bearer)], b"");
+    assert_eq!(r.status, 200, "DELETE with the token: {}", r.describe());
+}
+
+#[test]
+fn token_protects_put_and_delete() {
+    let node = Node::start(&["--token", "s3cret-token"]);
+    check_token_protection(&node, "s3cret-token");
+}
+
+#[test]
+fn token_from_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("token");
+    fs::write(&path, "file-token-123\n").unwrap();
+    let node = Node::start(&["--token-file", path.to_str().unwrap()]);
+    check_token_protection(&node, "file-token-123");
 }

@@ -167,6 +167,12 @@ fn kill9_during_large_upload_leaves_nothing_partial() {
         sent.load(Ordering::Relaxed) >= 24 * MIB
     });
     assert!(reached, "could not send 24 MiB of the upload within 60 s");
+    // Not required by the spec, but shows the crash hits a real temp file.
+    let tmp_seen = wait_until(Duration::from_secs(5), || !node.tmp_files().is_empty());
+    eprintln!(
+        "temp files at the kill: {:?} (seen: {tmp_seen})",
+        node.tmp_files()
+    );
     node.kill9();
     let (n, err) = done_rx
         .recv_timeout(Duration::from_secs(60))
@@ -328,4 +334,161 @@ fn one_gib_streams_in_bounded_memory() {
     );
     let on_disk = std::fs::metadata(node.stored_path(&loc)).unwrap().len();
     assert_eq!(on_disk, SIZE);
+}
+
+/// Run the binary with `args` and wait (bounded) for it to exit; returns the
+/// exit status and stderr.
+fn run_expecting_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let log_path = dir.path().join("stderr.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .expect("spawn cockatiel");
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(10), || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!(
+            "cockatiel {args:?} should refuse to start, but was still running after 10 s; stderr:\n{}",
+            std::fs::read_to_string(&log_path).unwrap_or_default()
+        );
+    }
+    (
+        status.unwrap(),
+        std::fs::read_to_string(&log_path).unwrap_or_default(),
+    )
+}
+
+#[test]
+fn unusable_port_flag_or_directory_fails_at_start() {
+    let dirs = tempfile::tempdir().unwrap();
+    let storage = dirs.path().join("storage");
+    let queue = dirs.path().join("queue");
+    std::fs::create_dir_all(&storage).unwrap();
+    std::fs::create_dir_all(&queue).unwrap();
+    let storage = storage.to_str().unwrap();
+    let queue = queue.to_str().unwrap();
+
+    // A port someone else holds.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    let (status, stderr) = run_expecting_exit(&[
+        "-p",
+        &port,
+        "-H",
+        "127.0.0.1",
+        "--storage",
+        storage,
+        "--queue",
+        queue,
+    ]);
+    assert!(
+        !status.success(),
+        "port in use must give a non-zero exit status, got {status}"
+    );
+    assert!(
+        stderr.contains(&port),
+        "stderr should say which port is unusable: {stderr:?}"
+    );
+    drop(taken);
+
+    // A malformed flag value.
+    let free = free_port().to_string();
+    let (status, stderr) = run_expecting_exit(&[
+        "-p",
+        &free,
+        "--storage",
+        storage,
+        "--queue",
+        queue,
+        "--max-size",
+        "lots",
+    ]);
+    assert!(
+        !status.success(),
+        "bad --max-size must give a non-zero exit status, got {status}"
+    );
+    assert!(
+        stderr.contains("max-size"),
+        "stderr should name the bad flag: {stderr:?}"
+    );
+
+    // A storage "directory" that is a regular file.
+    let file = dirs.path().join("not-a-dir");
+    std::fs::write(&file, b"x").unwrap();
+    let file = file.to_str().unwrap();
+    let (status, stderr) = run_expecting_exit(&["-p", &free, "--storage", file, "--queue", queue]);
+    assert!(
+        !status.success(),
+        "unusable --storage must give a non-zero exit status, got {status}"
+    );
+    assert!(
+        stderr.contains("not-a-dir"),
+        "stderr should name the unusable directory: {stderr:?}"
+    );
+}
+
+#[test]
+fn sigterm_during_upload_exits_zero_and_leaves_nothing_partial() {
+    let mut node = Node::start(&[]);
+    let before = store_mixed(&node, 5, 1, 4);
+    let port = node.port();
+    let sent = Arc::new(AtomicU64::new(0));
+    let (done_tx, done_rx) = mpsc::channel();
+    {
+        let sent = sent.clone();
+        std::thread::spawn(move || {
+            let mut conn = Conn::open(port);
+            let head = build_head(
+                port,
+                "PUT",
+                "/slow/upload.bin",
+                &[],
+                Some(100 * MIB as usize),
+            );
+            let mut result = conn.send(&head);
+            let mut rng = Rng::new(5);
+            let mut n = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while result.is_ok() && Instant::now() < deadline {
+                result = conn.send(&rng.bytes(4096));
+                n += 4096;
+                sent.store(n, Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = done_tx.send(n);
+        });
+    }
+    assert!(
+        wait_until(Duration::from_secs(10), || sent.load(Ordering::Relaxed)
+            >= 64 * 1024),
+        "upload did not start"
+    );
+    let status = node.stop();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "SIGTERM with an upload in flight: exit status {status}"
+    );
+    let n = done_rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("uploader ends");
+    assert!(n < 100 * MIB, "the upload cannot have completed");
+    node.restart();
+    assert_eq!(
+        node.stored_files().into_iter().collect::<BTreeSet<_>>(),
+        expected_paths(&before),
+        "no partial file from the upload cut by SIGTERM"
+    );
+    node.assert_tmp_empty_soon("after SIGTERM during an upload");
+    verify_all(&node, &before, "after SIGTERM during an upload");
 }

@@ -20,14 +20,13 @@ use http_body_util::combinators::BoxBody;
 use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use sha1::{Digest, Sha1};
-use tokio::sync::{Mutex, MutexGuard};
 
 use crate::config::{Config, VERSION};
 use crate::error::Error;
 use crate::name::{self, Purpose};
 use crate::replicate::Stats;
 use crate::state::{DeleteRecord, PutRecord, State};
-use crate::store::{Entry, Placed, Store, TempFile};
+use crate::store::{Entry, NameLocks, Placed, Store, TempFile};
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
@@ -45,20 +44,26 @@ pub struct Api {
     store: Arc<Store>,
     state: State,
     config: Arc<Config>,
-    locks: NameLocks,
+    locks: Arc<NameLocks>,
     token_hash: Option<[u8; 20]>,
     stats: Stats,
     server_header: HeaderValue,
 }
 
 impl Api {
-    pub fn new(store: Arc<Store>, state: State, config: Arc<Config>, stats: Stats) -> Api {
+    pub fn new(
+        store: Arc<Store>,
+        state: State,
+        locks: Arc<NameLocks>,
+        config: Arc<Config>,
+        stats: Stats,
+    ) -> Api {
         let token_hash = config.token.as_deref().map(sha1_of);
         Api {
             store,
             state,
             config,
-            locks: NameLocks::new(),
+            locks,
             token_hash,
             stats,
             server_header: HeaderValue::from_static(concat!(
@@ -85,6 +90,10 @@ impl Api {
     }
 
     async fn route(&self, req: Request<Incoming>) -> Result<Response<Body>, Error> {
+        let limit = self.config.max_header_size;
+        if head_size(&req) > limit {
+            return Err(Error::HeadersTooLarge(limit));
+        }
         let purpose = if req.method() == Method::PUT {
             Purpose::Put
         } else {
@@ -120,8 +129,9 @@ impl Api {
         let given = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .map(|t| t.trim());
+            .and_then(|v| v.trim().split_once(' '))
+            .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+            .map(|(_, t)| t.trim());
         // Comparing hashes keeps the time independent of where the strings differ.
         let given = sha1_of(given.unwrap_or(""));
         let diff = given
@@ -451,6 +461,17 @@ impl Api {
     }
 }
 
+/// Bytes of the request line and headers as they came over the wire.
+fn head_size<B>(req: &Request<B>) -> usize {
+    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    req.headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len() + 4)
+        .sum::<usize>()
+        + line
+        + 2
+}
+
 /// Types a browser would render and run script in.
 fn is_active_content(mime: &str) -> bool {
     matches!(
@@ -536,7 +557,10 @@ pub fn error_response(e: &Error) -> Response<Body> {
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
         }
         // The body was not (fully) read: the connection cannot be reused.
-        Error::ReadTimeout(_) | Error::TooLarge(_) | Error::BodyRead(_) => {
+        Error::ReadTimeout(_)
+        | Error::TooLarge(_)
+        | Error::BodyRead(_)
+        | Error::HeadersTooLarge(_) => {
             resp.headers_mut()
                 .insert(header::CONNECTION, HeaderValue::from_static("close"));
         }
@@ -584,39 +608,26 @@ pub fn hex(bytes: &[u8]) -> String {
     s
 }
 
-/// Striped locks over names: a PUT and a DELETE of the same name never
-/// interleave their commit-and-rename / commit-and-unlink steps, so a
-/// deletion can never be overtaken by the rename of a concurrent upload.
-struct NameLocks {
-    stripes: Vec<Mutex<()>>,
-}
-
-impl NameLocks {
-    fn new() -> NameLocks {
-        NameLocks {
-            stripes: (0..256).map(|_| Mutex::new(())).collect(),
-        }
-    }
-
-    async fn lock(&self, name: &str) -> MutexGuard<'_, ()> {
-        use std::hash::{Hash, Hasher};
-        let mut h = std::collections::hash_map::DefaultHasher::new();
-        name.hash(&mut h);
-        let i = (h.finish() % self.stripes.len() as u64) as usize;
-        self.stripes[i].lock().await
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn active_content_types() {
-        for m in ["text/html", "image/svg+xml", "application/xml", "application/atom+xml"] {
+        for m in [
+            "text/html",
+            "image/svg+xml",
+            "application/xml",
+            "application/atom+xml",
+        ] {
             assert!(is_active_content(m), "{m}");
         }
-        for m in ["text/plain", "image/png", "application/octet-stream", "application/json"] {
+        for m in [
+            "text/plain",
+            "image/png",
+            "application/octet-stream",
+            "application/json",
+        ] {
             assert!(!is_active_content(m), "{m}");
         }
     }

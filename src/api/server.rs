@@ -30,7 +30,10 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
-        .max_header_size(config.max_header_size)
+        // hyper's own 431 carries neither a reason nor our Server header, so
+        // it only catches heads far over the limit; `Api` answers the rest.
+        .max_header_size(config.max_header_size.saturating_mul(4).max(64 * 1024))
+        .max_headers(1024)
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();

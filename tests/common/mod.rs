@@ -344,6 +344,7 @@ impl Node {
     }
 
     /// Wait (bounded) until `<storage>/.tmp` is empty or absent; panics otherwise.
+    #[track_caller]
     pub fn assert_tmp_empty_soon(&self, what: &str) {
         let ok = wait_until(Duration::from_secs(5), || self.tmp_files().is_empty());
         assert!(
@@ -377,6 +378,7 @@ impl Node {
     }
 
     /// PUT that must answer 201; returns the Location.
+    #[track_caller]
     pub fn put_ok(&self, path: &str, body: &[u8]) -> String {
         let resp = self.put(path, body);
         assert_eq!(
@@ -1073,6 +1075,7 @@ impl Rng {
 // ---------------------------------------------------------------------------
 
 /// Every response carries `Server: cockatiel/<version>`.
+#[track_caller]
 pub fn assert_server_header(resp: &Response, what: &str) {
     let server = resp.header("server");
     assert!(
@@ -1086,6 +1089,7 @@ pub fn assert_server_header(resp: &Response, what: &str) {
 
 /// A refusal: the given 4xx status class, a short one-line plain-text body,
 /// the Server header.
+#[track_caller]
 pub fn assert_error_body(resp: &Response, what: &str) {
     assert_server_header(resp, what);
     let text = resp.text();
@@ -1107,3 +1111,7 @@ pub fn assert_error_body(resp: &Response, what: &str) {
         resp.describe()
     );
 }
+
+// Multi-node helpers and the fault-injecting proxy (replication tests).
+pub mod cluster;
+pub mod proxy;
