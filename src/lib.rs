@@ -82,11 +82,18 @@ fn finish_deletions(store: &store::Store, state: &state::State) -> Result<(), St
     let pending = state
         .pending_unlinks()
         .map_err(|e| StartError::Recovery(e.to_string()))?;
-    for name in pending {
+    for name in &pending {
         store
-            .remove(&name)
+            .remove(name)
             .map_err(|e| StartError::Recovery(format!("{name}: {e}")))?;
-        state.unlinked(&name);
+    }
+    if !pending.is_empty() {
+        store
+            .sync()
+            .map_err(|e| StartError::Recovery(e.to_string()))?;
+        for name in &pending {
+            state.unlinked(name);
+        }
     }
     Ok(())
 }

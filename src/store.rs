@@ -1,19 +1,21 @@
 //! Files on disk: the storage directory and its hidden temporary area.
-//! Owns every file-system call on stored files: temp files, fsync, the
-//! atomic no-replace rename into place, lookups for reading, unlink and the
-//! pruning of emptied directories. All calls block; callers run them off
-//! the async workers. It must never follow a symbolic link, never reach
-//! outside the storage directory, and never leave a partial file visible
-//! under a stored name.
+//! Owns every file-system call on stored files: temp files, the atomic
+//! no-replace rename into place, lookups for reading, unlink and the
+//! pruning of emptied directories, and making all of it durable (`Syncer`
+//! batches concurrent requests into one `syncfs`). `Store` calls block;
+//! callers run them off the async workers. It must never follow a symbolic
+//! link, never reach outside the storage directory, and never leave a
+//! partial file visible under a stored name.
 
 use std::fs::File;
 use std::io::{self, Write};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 
 use rustix::fs::{
-    fsync, mkdirat, openat, openat2, renameat_with, statat, unlinkat, AtFlags, FileType, Mode,
+    mkdirat, openat, openat2, renameat_with, statat, syncfs, unlinkat, AtFlags, FileType, Mode,
     OFlags, RenameFlags, ResolveFlags, Stat, CWD,
 };
 use rustix::io::Errno;
@@ -193,8 +195,8 @@ impl Store {
         Ok(Some((File::from(fd), stat)))
     }
 
-    /// Make sure the parent directories of `name` exist (creating and
-    /// fsyncing new ones) and say what `name` itself is now.
+    /// Make sure the parent directories of `name` exist and say what `name`
+    /// itself is now. New directories are durable after the next `sync`.
     pub fn prepare(&self, name: &str) -> Result<Prepared, StoreError> {
         let (dirs, base) = match name.rsplit_once('/') {
             Some((dirs, base)) => (Some(dirs), base),
@@ -209,7 +211,7 @@ impl Store {
                 Ok(fd) => fd,
                 Err(Errno::NOENT) => {
                     match mkdirat(here, component, Mode::from_raw_mode(0o755)) {
-                        Ok(()) => fsync(here)?,
+                        Ok(()) => {}
                         Err(Errno::EXIST) => {} // made by a concurrent upload
                         Err(e) => return Err(e.into()),
                     }
@@ -241,7 +243,7 @@ impl Store {
     }
 
     /// Rename a synced temporary file into place, never replacing an
-    /// existing entry, then fsync the directory so the name is durable.
+    /// existing entry. The new name is durable after the next `sync`.
     pub fn place(&self, temp: &mut TempFile, at: &Prepared) -> Result<Placed, StoreError> {
         let parent = at
             .parent
@@ -256,7 +258,6 @@ impl Store {
         ) {
             Ok(()) => {
                 temp.placed = true;
-                fsync(parent)?;
                 Ok(Placed::New)
             }
             Err(Errno::EXIST) => Ok(Placed::AlreadyThere),
@@ -267,7 +268,8 @@ impl Store {
     }
 
     /// Unlink a stored file and prune the directories this leaves empty.
-    /// Returns whether a regular file was there. Other entries are left alone.
+    /// Returns whether a regular file was there. Other entries are left
+    /// alone. The unlink is durable after the next `sync`.
     pub fn remove(&self, name: &str) -> Result<bool, StoreError> {
         let (dirs, base) = match name.rsplit_once('/') {
             Some((dirs, base)) => (Some(dirs), base),
@@ -294,11 +296,18 @@ impl Store {
             Err(Errno::NOENT) => return Ok(false),
             Err(e) => return Err(e.into()),
         }
-        fsync(here)?;
         if let Some(dirs) = dirs {
             self.prune(dirs);
         }
         Ok(true)
+    }
+
+    /// Make every completed write, rename, mkdir and unlink in the storage
+    /// file system durable: one `syncfs` covers file data and directory
+    /// entries of any number of concurrent uploads.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        syncfs(&self.root_dir)?;
+        Ok(())
     }
 
     /// Remove `dirs` and its ancestors while they are empty. Failure to
@@ -370,6 +379,53 @@ impl Drop for TempFile {
     fn drop(&mut self) {
         if !self.placed {
             let _ = std::fs::remove_file(&self.path);
+        }
+    }
+}
+
+type SyncReply = tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>;
+
+/// Group sync: callers that ask while a `syncfs` is running wait for the
+/// next one, which then serves all of them. A caller is answered only by a
+/// sync that started after it asked, so its writes are covered.
+pub struct Syncer {
+    tx: tokio::sync::mpsc::UnboundedSender<SyncReply>,
+}
+
+impl Syncer {
+    /// Start the sync task (needs a Tokio runtime).
+    pub fn start(store: Arc<Store>) -> Syncer {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<SyncReply>();
+        tokio::spawn(async move {
+            while let Some(first) = rx.recv().await {
+                let mut waiters = vec![first];
+                while let Ok(w) = rx.try_recv() {
+                    waiters.push(w);
+                }
+                let s = store.clone();
+                let result = match tokio::task::spawn_blocking(move || s.sync()).await {
+                    Ok(r) => r.map_err(Arc::new),
+                    Err(e) => Err(Arc::new(StoreError::Io(io::Error::other(e)))),
+                };
+                for w in waiters {
+                    let _ = w.send(result.clone());
+                }
+            }
+        });
+        Syncer { tx }
+    }
+
+    /// Wait until everything written before this call is durable.
+    pub async fn sync(&self) -> Result<(), StoreError> {
+        let (reply, rx) = tokio::sync::oneshot::channel();
+        let gone = || StoreError::Io(io::Error::other("the sync task has stopped"));
+        self.tx.send(reply).map_err(|_| gone())?;
+        match rx.await.map_err(|_| gone())? {
+            Ok(()) => Ok(()),
+            Err(e) => Err(match &*e {
+                StoreError::DiskFull => StoreError::DiskFull,
+                other => StoreError::Io(io::Error::other(other.to_string())),
+            }),
         }
     }
 }

@@ -26,7 +26,7 @@ use crate::error::Error;
 use crate::name::{self, Purpose};
 use crate::replicate::Stats;
 use crate::state::{DeleteRecord, PutRecord, State};
-use crate::store::{Entry, NameLocks, Placed, Store, TempFile};
+use crate::store::{Entry, NameLocks, Placed, Store, Syncer, TempFile};
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
@@ -42,6 +42,7 @@ static X_CONTENT_SHA1: HeaderName = HeaderName::from_static("x-content-sha1");
 /// Everything a request handler needs; shared by all connections.
 pub struct Api {
     store: Arc<Store>,
+    syncer: Syncer,
     state: State,
     config: Arc<Config>,
     locks: Arc<NameLocks>,
@@ -60,6 +61,7 @@ impl Api {
     ) -> Api {
         let token_hash = config.token.as_deref().map(sha1_of);
         Api {
+            syncer: Syncer::start(store.clone()),
             store,
             state,
             config,
@@ -328,13 +330,15 @@ impl Api {
                 Entry::Other => return Err(crate::store::StoreError::NotAFile.into()),
                 Entry::Absent => {}
             }
-            temp.sync()?;
             Ok(Some((temp, prepared)))
         })
         .await??;
         let Some((mut temp, mut prepared)) = prepared else {
             return Ok(located(StatusCode::FOUND, &stored));
         };
+        // The content (and any new directories) must be durable before the
+        // name can appear; concurrent uploads share one sync.
+        self.syncer.sync().await?;
         // Durably queue replication before the name becomes visible.
         if self.state.put(&stored).await? == PutRecord::Deleted {
             return Err(Error::Deleted);
@@ -353,7 +357,11 @@ impl Api {
         })
         .await??;
         match placed {
-            Placed::New => Ok(located(StatusCode::CREATED, &stored)),
+            Placed::New => {
+                // The rename itself must be durable before 201.
+                self.syncer.sync().await?;
+                Ok(located(StatusCode::CREATED, &stored))
+            }
             Placed::AlreadyThere => Ok(located(StatusCode::FOUND, &stored)),
             Placed::ParentGone => Err(Error::Task(
                 "the parent directory kept disappearing during the upload".into(),
@@ -417,6 +425,8 @@ impl Api {
         let (store, n) = (self.store.clone(), name.to_string());
         let existed = blocking(move || store.remove(&n)).await??;
         if record == DeleteRecord::New {
+            // Until the unlink is durable, start-up must be able to redo it.
+            self.syncer.sync().await?;
             self.state.unlinked(name);
         }
         Ok(if existed {
