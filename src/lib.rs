@@ -4,11 +4,13 @@
 //!
 //! Module map: `config` (command line), `name` (stored-name rules),
 //! `store` (files on disk), `state` (the database), `api` (HTTP),
-//! `replicate` (sending to neighbours), `error` (errors → status codes).
+//! `ingest` (making uploads durable in batches), `replicate` (sending to
+//! neighbours), `error` (errors → status codes).
 
 pub mod api;
 pub mod config;
 pub mod error;
+pub mod ingest;
 pub mod name;
 pub mod replicate;
 pub mod state;
@@ -67,7 +69,16 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         config.storage.display(),
         config.neighbours.len()
     );
-    let api = Arc::new(api::Api::new(store, state, locks, config.clone(), stats));
+    let ingest = ingest::Ingest::start(store.clone(), state.clone())
+        .map_err(|e| StartError::Storage(config.storage.clone(), e.into()))?;
+    let api = Arc::new(api::Api::new(
+        store,
+        state,
+        ingest,
+        locks,
+        config.clone(),
+        stats,
+    ));
     api::server::serve(listener, api, &config, shutdown).await;
     for s in senders {
         s.abort();

@@ -402,3 +402,128 @@ mod tests {
         assert!(!is_sha1_hex(&format!("{SHA}0")));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Path-like strings rich in the characters the rules care about.
+    fn pathish() -> impl Strategy<Value = String> {
+        proptest::collection::vec(
+            prop_oneof![
+                Just("/".to_string()),
+                Just(".".to_string()),
+                Just("..".to_string()),
+                Just("%".to_string()),
+                Just("%2e".to_string()),
+                Just("%2F".to_string()),
+                Just("%00".to_string()),
+                Just("%C3%A9".to_string()),
+                Just("%ff".to_string()),
+                Just("_".to_string()),
+                "[a-zA-Z0-9]{1,8}",
+                "[0-9a-f]{40}",
+                any::<char>().prop_map(String::from),
+            ],
+            0..40,
+        )
+        .prop_map(|parts| parts.concat())
+    }
+
+    /// A name every rule accepts: 1-4 segments of non-control characters
+    /// that neither contain `/` nor start with `.`.
+    fn valid_name() -> impl Strategy<Value = String> {
+        let segment = "[^/.\\p{Cc}][^/\\p{Cc}]{0,20}"
+            .prop_filter("control", |s: &String| !s.chars().any(char::is_control));
+        proptest::collection::vec(segment, 1..5).prop_map(|segs| segs.join("/"))
+    }
+
+    fn assert_accepted_is_safe(name: &str, purpose: Purpose) {
+        assert!(!name.is_empty());
+        assert!(!name.chars().any(char::is_control), "{name:?}");
+        let limit = match purpose {
+            Purpose::Put => MAX_PUT_SEGMENT,
+            Purpose::Read => MAX_SEGMENT,
+        };
+        for segment in name.split('/') {
+            assert!(!segment.is_empty(), "{name:?}");
+            assert!(segment != "." && segment != "..", "{name:?}");
+            assert!(!segment.starts_with('.'), "{name:?}");
+            assert!(segment.len() <= limit, "{name:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn from_path_never_panics_on_any_string(s in any::<String>()) {
+            for purpose in [Purpose::Put, Purpose::Read] {
+                if let Ok(name) = from_path(&s, purpose) {
+                    assert_accepted_is_safe(&name, purpose);
+                }
+            }
+        }
+
+        #[test]
+        fn accepted_path_names_are_confined(s in pathish()) {
+            for purpose in [Purpose::Put, Purpose::Read] {
+                if let Ok(name) = from_path(&s, purpose) {
+                    assert_accepted_is_safe(&name, purpose);
+                    if purpose == Purpose::Put {
+                        prop_assert!(name.len() <= MAX_NAME);
+                    }
+                }
+            }
+        }
+
+        #[test]
+        fn location_round_trips_through_the_decoder(name in valid_name()) {
+            prop_assert_eq!(check(&name, Purpose::Read), Ok(()));
+            let loc = location(&name);
+            prop_assert!(loc.starts_with('/'));
+            prop_assert!(loc.bytes().all(|b| b.is_ascii_graphic()), "{}", loc);
+            prop_assert_eq!(from_path(&loc, Purpose::Read), Ok(name.clone()));
+            prop_assert_eq!(decode(&loc[1..]), Ok(name));
+        }
+
+        #[test]
+        fn decode_of_an_accepted_name_round_trips(s in pathish()) {
+            if let Ok(name) = from_path(&s, Purpose::Read) {
+                prop_assert_eq!(from_path(&location(&name), Purpose::Read), Ok(name));
+            }
+        }
+
+        #[test]
+        fn stored_name_is_idempotent_for_its_own_sha(
+            name in valid_name(),
+            sha in "[0-9a-f]{40}",
+            now in any::<u64>(),
+            later in any::<u64>(),
+        ) {
+            let stored = stored_name(&name, &sha, now);
+            prop_assert_eq!(content_sha1(&stored), Some(sha.clone()));
+            prop_assert_eq!(stored_name(&stored, &sha, later), stored.clone());
+            // The extension survives, and the directories are unchanged.
+            prop_assert_eq!(split_ext(&stored).1, split_ext(&name).1);
+            let dir = |n: &str| n.rfind('/').map(|i| n[..i].to_string());
+            prop_assert_eq!(dir(&stored), dir(&name));
+            // Upper-case hex in the name is still this content.
+            let upper = stored_name(&name, &sha.to_uppercase(), now);
+            prop_assert_eq!(stored_name(&upper, &sha, later), upper);
+        }
+
+        #[test]
+        fn stored_name_of_other_content_is_new(
+            name in valid_name(),
+            a in "[0-9a-f]{40}",
+            b in "[0-9a-f]{40}",
+            now in any::<u64>(),
+        ) {
+            prop_assume!(a != b);
+            let first = stored_name(&name, &a, now);
+            let second = stored_name(&first, &b, now);
+            prop_assert_ne!(&second, &first);
+            prop_assert_eq!(content_sha1(&second), Some(b));
+        }
+    }
+}

@@ -113,7 +113,10 @@ pub enum DeleteRecord {
 }
 
 enum Cmd {
-    Put(String, oneshot::Sender<Result<PutRecord, StateError>>),
+    Put(
+        Vec<String>,
+        oneshot::Sender<Result<Vec<PutRecord>, StateError>>,
+    ),
     Delete(String, oneshot::Sender<Result<DeleteRecord, StateError>>),
     Unlinked(String),
     Accepted(String, u64),
@@ -204,9 +207,19 @@ impl State {
     pub async fn put(&self, name: &str) -> Result<PutRecord, StateError> {
         let (reply, rx) = oneshot::channel();
         self.tx
-            .send(Cmd::Put(name.to_string(), reply))
+            .send(Cmd::Put(vec![name.to_string()], reply))
             .map_err(|_| StateError::WriterGone)?;
-        rx.await.map_err(|_| StateError::WriterGone)?
+        let records = rx.await.map_err(|_| StateError::WriterGone)??;
+        records.first().copied().ok_or(StateError::WriterGone)
+    }
+
+    /// `put` for several names at once, from a thread that may block.
+    pub fn put_many_blocking(&self, names: Vec<String>) -> Result<Vec<PutRecord>, StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Put(names, reply))
+            .map_err(|_| StateError::WriterGone)?;
+        rx.blocking_recv().map_err(|_| StateError::WriterGone)?
     }
 
     /// Log a deletion (and its replication) durably.
@@ -325,7 +338,10 @@ struct Writer {
 }
 
 enum Reply {
-    Put(oneshot::Sender<Result<PutRecord, StateError>>, PutRecord),
+    Put(
+        oneshot::Sender<Result<Vec<PutRecord>, StateError>>,
+        Vec<PutRecord>,
+    ),
     Delete(
         oneshot::Sender<Result<DeleteRecord, StateError>>,
         DeleteRecord,
@@ -397,7 +413,7 @@ impl Writer {
         })
         .map_err(db_err)?;
         let now = unix_now();
-        let mut outcomes: Vec<Option<Result<PutRecord, DeleteRecord>>> =
+        let mut outcomes: Vec<Option<Result<Vec<PutRecord>, DeleteRecord>>> =
             Vec::with_capacity(batch.len());
         let mut seq = self.next_seq;
         {
@@ -409,16 +425,20 @@ impl Writer {
             let mut positions_moved = false;
             for cmd in batch.iter() {
                 let outcome = match cmd {
-                    Cmd::Put(name, _) => {
-                        if deleted.get(name.as_str()).map_err(db_err)?.is_some() {
-                            Some(Ok(PutRecord::Deleted))
-                        } else {
-                            oplog
-                                .insert(seq, encode_op(OpKind::Put, now, name).as_slice())
-                                .map_err(db_err)?;
-                            seq += 1;
-                            Some(Ok(PutRecord::Queued))
+                    Cmd::Put(names, _) => {
+                        let mut records = Vec::with_capacity(names.len());
+                        for name in names {
+                            if deleted.get(name.as_str()).map_err(db_err)?.is_some() {
+                                records.push(PutRecord::Deleted);
+                            } else {
+                                oplog
+                                    .insert(seq, encode_op(OpKind::Put, now, name).as_slice())
+                                    .map_err(db_err)?;
+                                seq += 1;
+                                records.push(PutRecord::Queued);
+                            }
                         }
+                        Some(Ok(records))
                     }
                     Cmd::Delete(name, _) => {
                         if deleted.get(name.as_str()).map_err(db_err)?.is_some() {

@@ -23,10 +23,11 @@ use sha1::{Digest, Sha1};
 
 use crate::config::{Config, VERSION};
 use crate::error::Error;
+use crate::ingest::{Content, Ingest, Outcome};
 use crate::name::{self, Purpose};
 use crate::replicate::Stats;
-use crate::state::{DeleteRecord, PutRecord, State};
-use crate::store::{Entry, NameLocks, Placed, Store, Syncer, TempFile};
+use crate::state::{DeleteRecord, State};
+use crate::store::{NameLocks, Store, Syncer, TempFile};
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
@@ -43,6 +44,7 @@ static X_CONTENT_SHA1: HeaderName = HeaderName::from_static("x-content-sha1");
 pub struct Api {
     store: Arc<Store>,
     syncer: Syncer,
+    ingest: Ingest,
     state: State,
     config: Arc<Config>,
     locks: Arc<NameLocks>,
@@ -55,6 +57,7 @@ impl Api {
     pub fn new(
         store: Arc<Store>,
         state: State,
+        ingest: Ingest,
         locks: Arc<NameLocks>,
         config: Arc<Config>,
         stats: Stats,
@@ -62,6 +65,7 @@ impl Api {
         let token_hash = config.token.as_deref().map(sha1_of);
         Api {
             syncer: Syncer::start(store.clone()),
+            ingest,
             store,
             state,
             config,
@@ -78,10 +82,14 @@ impl Api {
     /// Answer one request; never fails (errors become responses).
     pub async fn handle(&self, req: Request<Incoming>) -> Response<Body> {
         let method = req.method().clone();
+        let logged = tracing::enabled!(tracing::Level::DEBUG).then(|| req.uri().to_string());
         let mut resp = match self.route(req).await {
             Ok(resp) => resp,
             Err(e) => error_response(&e),
         };
+        if let Some(uri) = logged {
+            tracing::debug!("{method} {uri} -> {}", resp.status().as_u16());
+        }
         if method == Method::HEAD {
             // Same headers as GET, no body (Content-Length stays as set).
             *resp.body_mut() = empty();
@@ -312,60 +320,14 @@ impl Api {
         }
         let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
         let _guard = self.locks.lock(&stored).await;
-
-        // Finish the temp file, refusing early what would change nothing.
-        let (store, state, n) = (self.store.clone(), self.state.clone(), stored.clone());
-        let prepared = blocking(move || -> Result<_, Error> {
-            let mut temp = match temp {
-                Some(t) => t,
-                None => store.create_temp()?,
-            };
-            temp.write_all(&tail)?;
-            if state.is_deleted(&n)? {
-                return Err(Error::Deleted);
-            }
-            let prepared = store.prepare(&n)?;
-            match prepared.existing {
-                Entry::File => return Ok(None),
-                Entry::Other => return Err(crate::store::StoreError::NotAFile.into()),
-                Entry::Absent => {}
-            }
-            Ok(Some((temp, prepared)))
-        })
-        .await??;
-        let Some((mut temp, mut prepared)) = prepared else {
-            return Ok(located(StatusCode::FOUND, &stored));
+        let content = Content {
+            temp,
+            tail: tail.freeze(),
         };
-        // The content (and any new directories) must be durable before the
-        // name can appear; concurrent uploads share one sync.
-        self.syncer.sync().await?;
-        // Durably queue replication before the name becomes visible.
-        if self.state.put(&stored).await? == PutRecord::Deleted {
-            return Err(Error::Deleted);
-        }
-        let (store, n) = (self.store.clone(), stored.clone());
-        let placed = blocking(move || -> Result<Placed, Error> {
-            // A concurrent deletion may prune the parent directory between
-            // prepare and rename; make it again and retry.
-            for _ in 0..8 {
-                match store.place(&mut temp, &prepared)? {
-                    Placed::ParentGone => prepared = store.prepare(&n)?,
-                    other => return Ok(other),
-                }
-            }
-            Ok(Placed::ParentGone)
-        })
-        .await??;
-        match placed {
-            Placed::New => {
-                // The rename itself must be durable before 201.
-                self.syncer.sync().await?;
-                Ok(located(StatusCode::CREATED, &stored))
-            }
-            Placed::AlreadyThere => Ok(located(StatusCode::FOUND, &stored)),
-            Placed::ParentGone => Err(Error::Task(
-                "the parent directory kept disappearing during the upload".into(),
-            )),
+        match self.ingest.submit(stored.clone(), content).await? {
+            Outcome::Created => Ok(located(StatusCode::CREATED, &stored)),
+            Outcome::Exists => Ok(located(StatusCode::FOUND, &stored)),
+            Outcome::Deleted => Err(Error::Deleted),
         }
     }
 

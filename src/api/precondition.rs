@@ -67,3 +67,65 @@ mod tests {
         assert!(!none_match("w/\"abc\"", ETAG));
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Entity-tag lists with quotes, weak prefixes and commas in odd places.
+    fn tag_list() -> impl Strategy<Value = String> {
+        let tag = prop_oneof![
+            "[0-9a-f]{1,40}".prop_map(|t| format!("\"{t}\"")),
+            "[0-9a-f]{1,40}".prop_map(|t| format!("W/\"{t}\"")),
+            "[ ,\"W/*a-f]{0,12}",
+            any::<String>(),
+        ];
+        proptest::collection::vec(tag, 0..6).prop_map(|tags| tags.join(","))
+    }
+
+    proptest! {
+        #[test]
+        fn never_panics(header in any::<String>(), etag in any::<String>()) {
+            let _ = none_match(&header, &etag);
+        }
+
+        #[test]
+        fn never_panics_on_tag_lists(header in tag_list(), opaque in "[0-9a-f]{40}") {
+            let _ = none_match(&header, &format!("\"{opaque}\""));
+        }
+
+        #[test]
+        fn star_and_our_own_tag_always_match(opaque in "[0-9a-f]{40}", others in tag_list()) {
+            let etag = format!("\"{opaque}\"");
+            let weak = format!("W/{etag}");
+            let padded = format!(" {etag} ");
+            prop_assert!(none_match("*", &etag));
+            prop_assert!(none_match(&etag, &etag));
+            prop_assert!(none_match(&weak, &etag));
+            prop_assert!(none_match(&padded, &etag));
+            // Our tag after a well-formed list of other tags still matches.
+            let wellformed = others
+                .split(',')
+                .filter(|t| t.starts_with('"') || t.starts_with("W/\""))
+                .filter(|t| t.ends_with('"') && t.matches('"').count() == 2)
+                .collect::<Vec<_>>()
+                .join(", ");
+            let list = if wellformed.is_empty() {
+                etag.clone()
+            } else {
+                format!("{wellformed}, {etag}")
+            };
+            prop_assert!(none_match(&list, &etag), "{}", list);
+        }
+
+        #[test]
+        fn other_strong_tags_never_match(opaque in "[0-9a-f]{40}", other in "[0-9a-f]{1,39}") {
+            let etag = format!("\"{opaque}\"");
+            let strong = format!("\"{other}\"");
+            let list = format!("W/\"{other}\", \"{other}g\"");
+            prop_assert!(!none_match(&strong, &etag));
+            prop_assert!(!none_match(&list, &etag));
+        }
+    }
+}

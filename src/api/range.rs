@@ -183,3 +183,74 @@ mod tests {
         );
     }
 }
+
+#[cfg(test)]
+mod proptests {
+    use super::*;
+    use proptest::prelude::*;
+
+    /// Header values that look like byte ranges, with the odd twist.
+    fn rangeish() -> impl Strategy<Value = String> {
+        let number = prop_oneof![
+            (0u64..64).prop_map(|n| n.to_string()),
+            any::<u64>().prop_map(|n| n.to_string()),
+            Just("99999999999999999999999".to_string()),
+            Just(String::new()),
+            Just("x".to_string()),
+        ];
+        let spec = (
+            number.clone(),
+            prop_oneof![Just("-"), Just("--"), Just("")],
+            number,
+        )
+            .prop_map(|(a, dash, b)| format!("{a}{dash}{b}"));
+        (
+            prop_oneof![Just("bytes="), Just("BYTES ="), Just("items="), Just("")],
+            proptest::collection::vec(spec, 0..6),
+            prop_oneof![Just(","), Just(", "), Just(",,")],
+        )
+            .prop_map(|(unit, specs, sep)| format!("{unit}{}", specs.join(sep)))
+    }
+
+    fn check_answer(header: &str, len: u64) {
+        match evaluate(header, len) {
+            RangeAnswer::Partial { start, end } => {
+                assert!(start <= end, "{header:?} len {len}: {start}-{end}");
+                assert!(end < len, "{header:?} len {len}: {start}-{end}");
+            }
+            RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn evaluate_never_panics_on_any_string(header in any::<String>(), len in any::<u64>()) {
+            check_answer(&header, len);
+            check_answer(&header, len % 100);
+        }
+
+        #[test]
+        fn partial_answers_lie_within_the_file(header in rangeish(), len in 0u64..100) {
+            check_answer(&header, len);
+            check_answer(&header, u64::MAX - len);
+        }
+
+        #[test]
+        fn a_valid_single_range_is_served_exactly(len in 1u64..10_000, a in any::<u64>(), b in any::<u64>()) {
+            let (first, last) = (a % len, b % len);
+            let (first, last) = (first.min(last), first.max(last));
+            prop_assert_eq!(
+                evaluate(&format!("bytes={first}-{last}"), len),
+                RangeAnswer::Partial { start: first, end: last }
+            );
+            prop_assert_eq!(
+                evaluate(&format!("bytes={first}-"), len),
+                RangeAnswer::Partial { start: first, end: len - 1 }
+            );
+            prop_assert_eq!(
+                evaluate(&format!("bytes={}-", len + first), len),
+                RangeAnswer::Unsatisfiable
+            );
+        }
+    }
+}
