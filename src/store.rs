@@ -195,6 +195,74 @@ impl Store {
         Ok(Some((File::from(fd), stat)))
     }
 
+    /// Open a stored file and, when it is at most `read_up_to` bytes, read
+    /// it whole. None when there is no regular file by that name.
+    pub fn open_read(&self, name: &str, read_up_to: u64) -> Result<Option<Opened>, StoreError> {
+        let Some((file, stat)) = self.open_file(name)? else {
+            return Ok(None);
+        };
+        let len = u64::try_from(stat.st_size).unwrap_or(0);
+        let small = if len <= read_up_to {
+            let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
+            io::Read::read_to_end(&mut io::Read::take(&file, len), &mut buf)?;
+            Some(buf)
+        } else {
+            None
+        };
+        Ok(Some(Opened { file, stat, small }))
+    }
+
+    /// `open_read` without blocking: lookups and reads that the kernel can
+    /// serve from its caches only (RESOLVE_CACHED, RWF_NOWAIT). Anything
+    /// else, errors included, is `WouldBlock`, to be retried with `open_read`.
+    pub fn open_cached(&self, name: &str, read_up_to: u64) -> Cached {
+        let fd = match openat2(
+            &self.root_dir,
+            name,
+            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            Mode::empty(),
+            beneath() | ResolveFlags::CACHED,
+        ) {
+            Ok(fd) => fd,
+            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::NAMETOOLONG) => {
+                return Cached::Missing
+            }
+            Err(_) => return Cached::WouldBlock,
+        };
+        let Ok(stat) = rustix::fs::fstat(&fd) else {
+            return Cached::WouldBlock;
+        };
+        if entry_of(&stat) != Entry::File {
+            return Cached::Missing;
+        }
+        let len = u64::try_from(stat.st_size).unwrap_or(0);
+        let small = if len <= read_up_to {
+            let mut buf = vec![0u8; usize::try_from(len).unwrap_or(0)];
+            let mut filled = 0;
+            while filled < buf.len() {
+                match rustix::io::preadv2(
+                    &fd,
+                    &mut [io::IoSliceMut::new(&mut buf[filled..])],
+                    filled as u64,
+                    rustix::io::ReadWriteFlags::NOWAIT,
+                ) {
+                    Ok(0) => break,
+                    Ok(n) => filled += n,
+                    Err(_) => return Cached::WouldBlock,
+                }
+            }
+            buf.truncate(filled);
+            Some(buf)
+        } else {
+            None
+        };
+        Cached::Found(Opened {
+            file: File::from(fd),
+            stat,
+            small,
+        })
+    }
+
     /// Make sure the parent directories of `name` exist and say what `name`
     /// itself is now. New directories are durable after the next `sync`.
     pub fn prepare(&self, name: &str) -> Result<Prepared, StoreError> {
@@ -324,6 +392,23 @@ impl Store {
             }
         }
     }
+}
+
+/// A stored file opened for reading, with its contents when small.
+#[derive(Debug)]
+pub struct Opened {
+    pub file: File,
+    pub stat: Stat,
+    pub small: Option<Vec<u8>>,
+}
+
+/// Result of `open_cached`.
+#[derive(Debug)]
+pub enum Cached {
+    Found(Opened),
+    Missing,
+    /// Not answerable from the caches alone.
+    WouldBlock,
 }
 
 /// The parent directory of a name about to be placed, and what is there now.
@@ -563,6 +648,30 @@ mod tests {
         assert!(!store.remove("link").unwrap());
         assert!(!store.remove("evil/secret").unwrap());
         assert!(outside.path().join("secret").exists());
+    }
+
+    #[test]
+    fn cached_lookup_agrees_with_blocking_lookup() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        put(&store, "a/f.txt", b"content");
+        // Just written, so in the page cache: the fast path finds it.
+        match store.open_cached("a/f.txt", 100) {
+            Cached::Found(o) => assert_eq!(o.small.as_deref(), Some(&b"content"[..])),
+            other => panic!("expected Found, got {other:?}"),
+        }
+        match store.open_cached("a/f.txt", 3) {
+            Cached::Found(o) => assert!(o.small.is_none()),
+            other => panic!("expected Found, got {other:?}"),
+        }
+        // A name never looked up may not be cached (no negative entry yet):
+        // after one blocking lookup the fast path knows it is missing.
+        assert!(store.open_read("a/none", 100).unwrap().is_none());
+        assert!(matches!(store.open_cached("a/none", 100), Cached::Missing));
+        assert!(matches!(store.open_cached("a", 100), Cached::Missing));
+        let o = store.open_read("a/f.txt", 100).unwrap().unwrap();
+        assert_eq!(o.small.as_deref(), Some(&b"content"[..]));
+        assert!(store.open_read("a/none", 100).unwrap().is_none());
     }
 
     #[test]

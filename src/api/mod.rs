@@ -27,7 +27,7 @@ use crate::ingest::{Content, Ingest, Outcome};
 use crate::name::{self, Purpose};
 use crate::replicate::Stats;
 use crate::state::{DeleteRecord, State};
-use crate::store::{NameLocks, Store, Syncer, TempFile};
+use crate::store::{Cached, NameLocks, Opened, Store, Syncer, TempFile};
 
 pub type Body = BoxBody<Bytes, io::Error>;
 
@@ -156,28 +156,22 @@ impl Api {
     }
 
     async fn get(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
-        let store = self.store.clone();
-        let owned = name.to_string();
         let want_body = req.method() == Method::GET;
-        let opened = blocking(move || -> Result<_, Error> {
-            let Some((file, stat)) = store.open_file(&owned)? else {
-                return Ok(None);
-            };
-            let len = u64::try_from(stat.st_size).unwrap_or(0);
-            let small = if want_body && len <= SMALL_FILE {
-                let mut buf = Vec::with_capacity(usize::try_from(len).unwrap_or(0));
-                io::Read::read_to_end(&mut io::Read::take(&file, len), &mut buf)
-                    .map_err(crate::store::StoreError::from)?;
-                Some(Bytes::from(buf))
-            } else {
-                None
-            };
-            Ok(Some((file, stat, small)))
-        })
-        .await??;
-        let Some((file, stat, small)) = opened else {
+        let read_up_to = if want_body { SMALL_FILE } else { 0 };
+        // Served from the page cache without leaving this thread when it
+        // can be; otherwise one blocking call opens and reads.
+        let opened = match self.store.open_cached(name, read_up_to) {
+            Cached::Found(opened) => Some(opened),
+            Cached::Missing => None,
+            Cached::WouldBlock => {
+                let (store, owned) = (self.store.clone(), name.to_string());
+                blocking(move || store.open_read(&owned, read_up_to)).await??
+            }
+        };
+        let Some(Opened { file, stat, small }) = opened else {
             return Err(Error::NotFound);
         };
+        let small = small.map(Bytes::from);
         let len = small
             .as_ref()
             .map_or(u64::try_from(stat.st_size).unwrap_or(0), |b| b.len() as u64);

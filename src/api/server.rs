@@ -32,8 +32,9 @@ pub async fn serve(
         .header_read_timeout(config.header_timeout)
         // hyper's own 431 carries neither a reason nor our Server header, so
         // it only catches heads far over the limit; `Api` answers the rest.
+        // (hyper's header count limit stays at its default of 100: a higher
+        // one costs every request the initialisation of that many slots.)
         .max_header_size(config.max_header_size.saturating_mul(4).max(64 * 1024))
-        .max_headers(1024)
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(config.max_connections));
     let graceful = GracefulShutdown::new();
