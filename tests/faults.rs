@@ -1,0 +1,210 @@
+//! Replication through a misbehaving network (SPEC "Cluster": retries,
+//! X-Content-SHA1, timeouts, `--proxy`), using the fault-injecting proxy of
+//! `common::proxy` between a sender A and a receiver B.
+
+mod common;
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use common::cluster::*;
+use common::proxy::{Fault, Proxy};
+use common::*;
+
+/// A (replicating to B through the proxy) and B (no neighbours).
+fn pair(proxy: &Proxy) -> (Node, Node) {
+    let (pa, pb) = (free_port(), free_port());
+    let a = Node::start_on(pa, &node_args(pa, &[pb], Some(&proxy.url()), &[]));
+    let b = Node::start_on(pb, &node_args(pb, &[], None, &[]));
+    (a, b)
+}
+
+fn decoded(location: &str) -> String {
+    String::from_utf8(percent_decode(location)).expect("UTF-8 Location")
+}
+
+/// The `queues.<B>` object of A's status.
+fn queue_to(a: &Node, b: &Node) -> serde_json::Value {
+    a.status().expect("A status")["queues"][b.url()].clone()
+}
+
+/// B ends up with exactly `files`, byte for byte, and nothing else; the
+/// queue drains.
+fn assert_delivered(a: &Node, b: &Node, files: &[(String, Vec<u8>)], proxy: &Proxy) {
+    for (loc, body) in files {
+        assert!(
+            wait_has(b, &decoded(loc), body, REPLICATION_BOUND),
+            "{loc} did not reach B intact\n{}\n{}",
+            proxy.describe(),
+            describe_statuses(&[a, b])
+        );
+    }
+    wait_queues_empty(&[a, b], REPLICATION_BOUND, "after the faults");
+    let expected: BTreeSet<String> = files
+        .iter()
+        .map(|(l, _)| decoded(l).trim_start_matches('/').to_string())
+        .collect();
+    let got: BTreeSet<String> = b.stored_files().into_iter().collect();
+    assert_eq!(got, expected, "files on B");
+    assert!(
+        files_with_wrong_sha1(b).is_empty(),
+        "B holds files whose bytes do not match their name"
+    );
+    b.assert_tmp_empty_soon("B after the faults");
+}
+
+fn upload(a: &Node, n: usize, size: usize, seed: u64) -> Vec<(String, Vec<u8>)> {
+    let mut rng = Rng::new(seed);
+    (0..n)
+        .map(|i| {
+            let body = rng.bytes(size + i);
+            (a.put_ok(&format!("/f/{seed}-{i}.bin"), &body), body)
+        })
+        .collect()
+}
+
+#[test]
+fn corrupted_bodies_are_refused_and_retried() {
+    let proxy = Proxy::start();
+    proxy.corrupt(3);
+    let (a, b) = pair(&proxy);
+    let files = upload(&a, 2, 200 * 1024, 1);
+    assert_delivered(&a, &b, &files, &proxy);
+
+    let corrupted: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.fault == Fault::Corrupted)
+        .collect();
+    assert_eq!(
+        corrupted.len(),
+        3,
+        "the proxy should have corrupted 3 bodies\n{}",
+        proxy.describe()
+    );
+    assert!(
+        corrupted.iter().all(|s| s.status == Some(400)),
+        "the receiver must refuse every corrupted body with 400\n{}",
+        proxy.describe()
+    );
+    let err = queue_to(&a, &b)["last_error"].clone();
+    assert!(
+        err.as_str().is_some_and(|e| e.contains("400")),
+        "last_error should report the 400: {err}"
+    );
+}
+
+#[test]
+fn cut_connections_are_retried() {
+    let proxy = Proxy::start();
+    proxy.cut(3);
+    let (a, b) = pair(&proxy);
+    let files = upload(&a, 2, 300 * 1024, 2);
+    assert_delivered(&a, &b, &files, &proxy);
+    assert_eq!(
+        proxy.count(Fault::Cut),
+        3,
+        "the proxy should have cut 3 transfers\n{}",
+        proxy.describe()
+    );
+    let err = queue_to(&a, &b)["last_error"].clone();
+    assert!(
+        err.as_str().is_some_and(|e| !e.is_empty()),
+        "last_error after cut connections: {err}"
+    );
+}
+
+#[test]
+fn stalled_transfer_is_timed_out_and_retried() {
+    // The sender runs with --transfer-timeout 2; the proxy would hold the
+    // transfer for 60 s.
+    let proxy = Proxy::start();
+    proxy.stall(1, Duration::from_secs(60));
+    let (a, b) = pair(&proxy);
+    let started = Instant::now();
+    let files = upload(&a, 1, 1 << 20, 3);
+    assert!(
+        wait_until(Duration::from_secs(10), || proxy.stalls_begun() == 1),
+        "the transfer never stalled\n{}",
+        proxy.describe()
+    );
+    assert_delivered(&a, &b, &files, &proxy);
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_secs(30),
+        "delivery took {took:?}: the stall was not timed out"
+    );
+    let stalled: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.fault == Fault::Stalled)
+        .collect();
+    assert_eq!(stalled.len(), 1, "{}", proxy.describe());
+    assert!(
+        stalled[0].client_gave_up,
+        "the sender should have closed the stalled connection itself\n{}",
+        proxy.describe()
+    );
+    let err = queue_to(&a, &b)["last_error"].clone();
+    assert!(
+        err.as_str().is_some_and(|e| !e.is_empty()),
+        "last_error after a stalled transfer: {err}"
+    );
+}
+
+#[test]
+fn refusal_for_a_while_then_recovery() {
+    let proxy = Proxy::start();
+    proxy.refuse(true);
+    let (a, b) = pair(&proxy);
+    let files = upload(&a, 5, 1000, 4);
+
+    // While refused: attempts are made, retried, and reported in /_status.
+    let failing = wait_until(REPLICATION_BOUND, || {
+        let q = queue_to(&a, &b);
+        proxy.count(Fault::Refused) >= 3
+            && q["length"].as_u64() == Some(5)
+            && q["last_error"].as_str().is_some_and(|e| !e.is_empty())
+    });
+    let q = queue_to(&a, &b);
+    assert!(
+        failing,
+        "expected retried refusals and a last_error: {q}\n{}",
+        proxy.describe()
+    );
+    assert!(q["last_success"].is_null(), "no success yet: {q}");
+    assert!(q["oldest_age_seconds"].is_number(), "{q}");
+    assert!(b.stored_files().is_empty(), "B: {:?}", b.stored_files());
+
+    proxy.refuse(false);
+    assert_delivered(&a, &b, &files, &proxy);
+    let q = queue_to(&a, &b);
+    assert!(q["last_success"].is_number(), "after recovery: {q}");
+    assert_eq!(q["length"].as_u64(), Some(0), "{q}");
+}
+
+#[test]
+fn unreachable_target_is_retried_until_it_appears() {
+    // B is not running: the proxy answers 502 for it, which is not an
+    // accepted answer.
+    let proxy = Proxy::start();
+    let (pa, pb) = (free_port(), free_port());
+    let a = Node::start_on(pa, &node_args(pa, &[pb], Some(&proxy.url()), &[]));
+    let mut b = Node::prepare(pb, &node_args(pb, &[], None, &[]));
+    let files = upload(&a, 3, 4000, 5);
+    let seen_502 = wait_until(REPLICATION_BOUND, || {
+        proxy.count(Fault::Unreachable) >= 2
+            && queue_to(&a, &b)["last_error"]
+                .as_str()
+                .is_some_and(|e| e.contains("502"))
+    });
+    assert!(
+        seen_502,
+        "A should retry and report the 502: {}\n{}",
+        queue_to(&a, &b),
+        proxy.describe()
+    );
+    assert_eq!(queue_to(&a, &b)["length"].as_u64(), Some(3));
+    b.restart();
+    assert_delivered(&a, &b, &files, &proxy);
+}
