@@ -109,6 +109,8 @@ pub struct Config {
 pub enum ConfigError {
     #[error("invalid URL {0:?}: expected http://host[:port]")]
     BadUrl(String),
+    #[error("{0}: replication speaks plain HTTP; use http:// (TLS belongs to a proxy in front)")]
+    NotHttp(String),
     #[error("cannot read --token-file {0}: {1}")]
     TokenFile(PathBuf, std::io::Error),
     #[error("the token is empty")]
@@ -128,11 +130,17 @@ impl Cli {
         let mut neighbours: Vec<String> = Vec::new();
         for node in &self.nodes {
             let node = normalize_url(node)?;
+            if !node.starts_with("http://") && Some(&node) != url.as_ref() {
+                return Err(ConfigError::NotHttp(node));
+            }
             if Some(&node) != url.as_ref() && !neighbours.contains(&node) {
                 neighbours.push(node);
             }
         }
         let proxy = self.proxy.as_deref().map(normalize_url).transpose()?;
+        if let Some(p) = proxy.as_ref().filter(|p| !p.starts_with("http://")) {
+            return Err(ConfigError::NotHttp(p.clone()));
+        }
         let token = match (self.token, &self.token_file) {
             (Some(t), _) => Some(t),
             (None, Some(path)) => {
@@ -303,6 +311,17 @@ mod tests {
         ]);
         let config = cli.into_config().unwrap();
         assert_eq!(config.neighbours, vec!["http://127.0.0.1:2".to_string()]);
+    }
+
+    #[test]
+    fn https_neighbours_are_refused() {
+        let cli = Cli::parse_from(["cockatiel", "--node", "https://a:1"]);
+        assert!(matches!(cli.into_config(), Err(ConfigError::NotHttp(_))));
+        let cli = Cli::parse_from(["cockatiel", "--proxy", "https://p:1"]);
+        assert!(matches!(cli.into_config(), Err(ConfigError::NotHttp(_))));
+        // The node's own URL may be https (a TLS proxy in front of it).
+        let cli = Cli::parse_from(["cockatiel", "--url", "https://me", "--node", "https://me"]);
+        assert!(cli.into_config().unwrap().neighbours.is_empty());
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! The durable half of an upload, done in batches: for every upload that
-//! is waiting, refuse what changes nothing (deleted → 409, present → 302),
-//! write the content to a temp file, then for the whole batch: one
-//! `syncfs`, one state commit logging every replication operation, the
-//! no-replace renames, and one more `syncfs` before anyone hears 201.
-//! One thread does it all, so a small upload costs one hand-off instead of
-//! one per step. It never answers before its step is durable, and never
-//! makes a name visible before its operation is logged.
+//! The durable half of an upload, done in batches by one thread: for every
+//! upload that is waiting, refuse what changes nothing (deleted → 409,
+//! present → 302) and write the content to a temp file; one `syncfs` and,
+//! at the same time, one state commit logging the batch's replication
+//! operations; the no-replace renames; and the next round's `syncfs` makes those renames durable
+//! before anyone hears 201. So each round costs one `syncfs` and one
+//! commit, shared by everything in it, and a small upload costs one
+//! thread hand-off. It never answers before its step is durable, and never
+//! makes a name visible before its content is durable and its operation
+//! logged.
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -14,7 +16,7 @@ use bytes::Bytes;
 use tokio::sync::oneshot;
 
 use crate::error::Error;
-use crate::state::{PutRecord, State};
+use crate::state::{PendingPuts, PutRecord, State};
 use crate::store::{Entry, Placed, Prepared, Store, StoreError, TempFile};
 
 /// Most uploads made durable together.
@@ -54,18 +56,7 @@ impl Ingest {
         let (tx, rx) = std_mpsc::channel::<Job>();
         std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || {
-                while let Ok(first) = rx.recv() {
-                    let mut jobs = vec![first];
-                    while jobs.len() < MAX_BATCH {
-                        match rx.try_recv() {
-                            Ok(job) => jobs.push(job),
-                            Err(_) => break,
-                        }
-                    }
-                    process(&store, &state, jobs);
-                }
-            })?;
+            .spawn(move || run(&store, &state, &rx))?;
         Ok(Ingest { tx })
     }
 
@@ -93,7 +84,60 @@ struct Ready {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
-fn process(store: &Store, state: &State, jobs: Vec<Job>) {
+/// Renamed into place; answered once the next sync has made it durable.
+type Renamed = (
+    oneshot::Sender<Result<Outcome, Error>>,
+    Result<Outcome, Error>,
+);
+
+fn run(store: &Store, state: &State, rx: &std_mpsc::Receiver<Job>) {
+    let mut renamed: Vec<Renamed> = Vec::new();
+    loop {
+        // Wait for work only when no renames are waiting for their sync.
+        let mut jobs = Vec::new();
+        if renamed.is_empty() {
+            match rx.recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => return,
+            }
+        }
+        while jobs.len() < MAX_BATCH {
+            match rx.try_recv() {
+                Ok(job) => jobs.push(job),
+                Err(_) => break,
+            }
+        }
+        let ready = write_temps(store, state, jobs);
+        if ready.is_empty() && renamed.is_empty() {
+            continue;
+        }
+        // The operations are logged while the contents sync: both must be
+        // durable before any rename, neither needs the other.
+        let logging = (!ready.is_empty())
+            .then(|| state.put_many(ready.iter().map(|r| r.name.clone()).collect()));
+        // One sync: the previous round's renames and this round's contents
+        // (and new directories) become durable together.
+        let synced = store.sync();
+        for (reply, outcome) in renamed.drain(..) {
+            let _ = reply.send(match &synced {
+                Ok(()) => outcome,
+                Err(e) => Err(Error::Store(copy_error(e))),
+            });
+        }
+        if let Err(e) = &synced {
+            for r in ready {
+                let _ = r.reply.send(Err(Error::Store(copy_error(e))));
+            }
+            continue;
+        }
+        if let Some(logging) = logging {
+            renamed = rename(store, logging, ready);
+        }
+    }
+}
+
+/// Checks and temp files for a batch; immediate answers for what changes nothing.
+fn write_temps(store: &Store, state: &State, jobs: Vec<Job>) -> Vec<Ready> {
     let mut ready: Vec<Ready> = Vec::with_capacity(jobs.len());
     for job in jobs {
         match prepare(store, state, job.name.as_str(), job.content) {
@@ -111,15 +155,14 @@ fn process(store: &Store, state: &State, jobs: Vec<Job>) {
             }
         }
     }
-    if ready.is_empty() {
-        return;
-    }
-    // Contents (and new directories) durable before their names are logged.
-    if let Err(e) = store.sync() {
-        return fail_all(ready, &e);
-    }
-    let names: Vec<String> = ready.iter().map(|r| r.name.clone()).collect();
-    let records = match state.put_many_blocking(names) {
+    ready
+}
+
+/// Once their operations are logged, rename a synced batch into place. New
+/// names are returned to be answered after the next sync; the rest are
+/// answered now.
+fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed> {
+    let records = match logging.wait() {
         Ok(r) => r,
         Err(e) => {
             tracing::error!("logging uploads failed: {e}");
@@ -128,33 +171,23 @@ fn process(store: &Store, state: &State, jobs: Vec<Job>) {
                     .reply
                     .send(Err(Error::Task(format!("state database: {e}"))));
             }
-            return;
+            return Vec::new();
         }
     };
-    let mut placed: Vec<(Ready, Result<Outcome, Error>)> = Vec::with_capacity(ready.len());
+    let mut renamed = Vec::with_capacity(ready.len());
     for (mut r, record) in ready.into_iter().zip(records) {
         let outcome = if record == PutRecord::Deleted {
             Ok(Outcome::Deleted)
         } else {
             place(store, &r.name, &mut r.temp, &mut r.at)
         };
-        placed.push((r, outcome));
-    }
-    // The renames durable before 201.
-    if placed
-        .iter()
-        .any(|(_, o)| matches!(o, Ok(Outcome::Created)))
-    {
-        if let Err(e) = store.sync() {
-            for (r, _) in placed {
-                let _ = r.reply.send(Err(Error::Store(copy_error(&e))));
-            }
-            return;
+        if matches!(outcome, Ok(Outcome::Created)) {
+            renamed.push((r.reply, outcome));
+        } else {
+            let _ = r.reply.send(outcome);
         }
     }
-    for (r, outcome) in placed {
-        let _ = r.reply.send(outcome);
-    }
+    renamed
 }
 
 /// Refuse what changes nothing, else write the content to its temp file.
@@ -199,12 +232,6 @@ fn place(
     Err(Error::Task(
         "the parent directory kept disappearing during the upload".into(),
     ))
-}
-
-fn fail_all(ready: Vec<Ready>, e: &StoreError) {
-    for r in ready {
-        let _ = r.reply.send(Err(Error::Store(copy_error(e))));
-    }
 }
 
 /// One error for each waiting upload (io::Error is not Clone).

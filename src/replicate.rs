@@ -16,7 +16,10 @@ use tokio::task::JoinSet;
 use crate::config::Config;
 use crate::name;
 use crate::state::{unix_now, Op, OpKind, State};
-use crate::store::{self, NameLocks, Store};
+use crate::store::{self, Cached, NameLocks, Opened, Store};
+
+/// Files up to this size are sent from memory, read in one call.
+const SMALL_BODY: u64 = 256 * 1024;
 
 /// The next retry delay after a failure: doubling from `min`, capped at `max`.
 pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
@@ -210,33 +213,48 @@ impl Sender {
         let request = match op.kind {
             OpKind::Delete => self.client.delete(&url),
             OpKind::Put => {
-                let store = self.store.clone();
-                let n = op.name.clone();
                 // An upload logs its operation before renaming the file into
                 // place, under this lock: holding it, a missing file is really
                 // missing, not about to appear.
                 let guard = self.locks.lock(&op.name).await;
-                let opened = tokio::task::spawn_blocking(move || store.open_file(&n))
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                let opened = match self.store.open_cached(&op.name, SMALL_BODY) {
+                    Cached::Found(opened) => Some(opened),
+                    Cached::Missing => None,
+                    Cached::WouldBlock => {
+                        let (store, n) = (self.store.clone(), op.name.clone());
+                        tokio::task::spawn_blocking(move || store.open_read(&n, SMALL_BODY))
+                            .await
+                            .map_err(|e| e.to_string())?
+                            .map_err(|e| e.to_string())?
+                    }
+                };
                 drop(guard);
                 // Deleted since it was queued (its deletion is queued too), or
                 // never placed because of a crash: nothing to send.
-                let Some((file, stat)) = opened else {
+                let Some(Opened { file, stat, small }) = opened else {
                     return Ok(());
                 };
                 let len = u64::try_from(stat.st_size).unwrap_or(0);
-                let tick = progress.clone();
-                let body = store::file_stream(file, 0, len).map(move |chunk| {
-                    tick.touch();
-                    chunk
-                });
+                let body = match small {
+                    Some(bytes) => {
+                        progress.touch();
+                        reqwest::Body::from(bytes)
+                    }
+                    None => {
+                        let tick = progress.clone();
+                        reqwest::Body::wrap_stream(store::file_stream(file, 0, len).map(
+                            move |chunk| {
+                                tick.touch();
+                                chunk
+                            },
+                        ))
+                    }
+                };
                 let mut req = self
                     .client
                     .put(&url)
                     .header(reqwest::header::CONTENT_LENGTH, len)
-                    .body(reqwest::Body::wrap_stream(body));
+                    .body(body);
                 if let Some(sha1) = name::content_sha1(&op.name) {
                     req = req.header("X-Content-SHA1", sha1);
                 }

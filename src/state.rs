@@ -122,6 +122,17 @@ enum Cmd {
     Accepted(String, u64),
 }
 
+/// A commit of uploads in progress (see `State::put_many`).
+pub struct PendingPuts(Option<oneshot::Receiver<Result<Vec<PutRecord>, StateError>>>);
+
+impl PendingPuts {
+    /// Block until the commit is durable; one record per name, in order.
+    pub fn wait(self) -> Result<Vec<PutRecord>, StateError> {
+        let rx = self.0.ok_or(StateError::WriterGone)?;
+        rx.blocking_recv().map_err(|_| StateError::WriterGone)?
+    }
+}
+
 /// Per-neighbour figures for `/_status`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct QueueInfo {
@@ -213,13 +224,13 @@ impl State {
         records.first().copied().ok_or(StateError::WriterGone)
     }
 
-    /// `put` for several names at once, from a thread that may block.
-    pub fn put_many_blocking(&self, names: Vec<String>) -> Result<Vec<PutRecord>, StateError> {
+    /// `put` for several names at once, from a thread that may block: the
+    /// commit starts now and `PendingPuts::wait` returns its outcome, so the
+    /// caller can do other work while the database syncs.
+    pub fn put_many(&self, names: Vec<String>) -> PendingPuts {
         let (reply, rx) = oneshot::channel();
-        self.tx
-            .send(Cmd::Put(names, reply))
-            .map_err(|_| StateError::WriterGone)?;
-        rx.blocking_recv().map_err(|_| StateError::WriterGone)?
+        let sent = self.tx.send(Cmd::Put(names, reply)).is_ok();
+        PendingPuts(sent.then_some(rx))
     }
 
     /// Log a deletion (and its replication) durably.
