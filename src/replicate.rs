@@ -18,6 +18,11 @@ use crate::name;
 use crate::state::{unix_now, Op, OpKind, State};
 use crate::store::{self, Cached, NameLocks, Opened, Store};
 
+/// Save a neighbour's position after this many accepted operations, this
+/// much time, or whenever it has caught up.
+const SAVE_EVERY_OPS: u64 = 1024;
+const SAVE_EVERY: Duration = Duration::from_secs(1);
+
 /// Files up to this size are sent from memory, read in one call.
 const SMALL_BODY: u64 = 256 * 1024;
 
@@ -35,6 +40,9 @@ pub struct NeighbourStats {
     pub in_flight: usize,
     /// Seconds until the next retry while backing off.
     pub retry_in: Option<f64>,
+    /// Everything up to this sequence number is accepted (live; the
+    /// database copy is written lazily).
+    pub position: Option<u64>,
 }
 
 /// Shared table of `NeighbourStats`.
@@ -42,6 +50,12 @@ pub struct NeighbourStats {
 pub struct Stats(Arc<Mutex<HashMap<String, NeighbourStats>>>);
 
 impl Stats {
+    /// The live accepted position of `neighbour`, if its sender runs.
+    pub fn position(&self, neighbour: &str) -> Option<u64> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(neighbour).and_then(|s| s.position)
+    }
+
     pub fn get(&self, neighbour: &str) -> Option<NeighbourStats> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(neighbour).cloned()
@@ -119,6 +133,11 @@ impl Sender {
                 }
             }
         };
+        me.stats
+            .update(&me.neighbour, |s| s.position = Some(position));
+        // The position is saved lazily: losing it to a crash only resends
+        // accepted operations, which the model makes harmless.
+        let mut saved = (position, Instant::now());
         // Highest sequence number handed out for sending.
         let mut dispatched = position;
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
@@ -186,7 +205,15 @@ impl Sender {
                     let accepted = outstanding.first().map_or(dispatched, |s| s - 1);
                     if accepted > position {
                         position = accepted;
-                        me.state.accepted(&me.neighbour, position);
+                        me.stats.update(&me.neighbour, |s| s.position = Some(position));
+                        let caught_up = in_flight.is_empty() && retry.is_empty();
+                        if caught_up
+                            || position - saved.0 >= SAVE_EVERY_OPS
+                            || saved.1.elapsed() >= SAVE_EVERY
+                        {
+                            me.state.accepted(&me.neighbour, position);
+                            saved = (position, Instant::now());
+                        }
                     }
                 }
                 changed = log.changed(), if can_take_more => {

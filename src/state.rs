@@ -301,8 +301,9 @@ impl State {
         Ok(ops)
     }
 
-    /// Queue figures for every configured neighbour.
-    pub fn queues(&self) -> Result<Vec<QueueInfo>, StateError> {
+    /// Queue figures for every configured neighbour. `live` gives a
+    /// neighbour's position when it is newer than the saved one.
+    pub fn queues(&self, live: impl Fn(&str) -> Option<u64>) -> Result<Vec<QueueInfo>, StateError> {
         let txn = self.db.begin_read().map_err(db_err)?;
         let oplog = txn.open_table(OPLOG).map_err(db_err)?;
         let positions = txn.open_table(POSITIONS).map_err(db_err)?;
@@ -314,7 +315,8 @@ impl State {
             let pos = positions
                 .get(n.as_str())
                 .map_err(db_err)?
-                .map_or(0, |v| v.value());
+                .map_or(0, |v| v.value())
+                .max(live(n).unwrap_or(0));
             // Operations before the first one still logged were trimmed.
             let from = first.map_or(last, |f| pos.max(f - 1));
             let length = last.saturating_sub(from);
@@ -552,7 +554,7 @@ mod tests {
         let mut pending = state.pending_unlinks().unwrap();
         pending.sort();
         assert_eq!(pending, vec!["a".to_string(), "never-stored".to_string()]);
-        assert_eq!(state.queues().unwrap()[0].length, 3);
+        assert_eq!(state.queues(|_| None).unwrap()[0].length, 3);
     }
 
     #[tokio::test]
@@ -567,7 +569,7 @@ mod tests {
         state.accepted("http://c", 2);
         // A durable command after the acknowledgements flushes them in order.
         state.put("f5").await.unwrap();
-        let q = state.queues().unwrap();
+        let q = state.queues(|_| None).unwrap();
         assert_eq!(q[0].length, 1);
         assert_eq!(q[1].length, 4);
         assert_eq!(state.ops_after(0, 100).unwrap().first().unwrap().seq, 3);

@@ -24,6 +24,24 @@ use rustix::io::Errno;
 /// are refused by the name rules, so no request can reach it.
 pub const TEMP_DIR: &str = ".tmp";
 
+/// Uploads are pushed to disk in stretches of this size while they arrive.
+const WRITEBACK_STEP: u64 = 8 * 1024 * 1024;
+
+/// Ask the kernel to start writing a range of a file to disk, without
+/// waiting (Linux `sync_file_range(SYNC_FILE_RANGE_WRITE)`). Durability
+/// still comes from the sync before the rename; this only starts it early,
+/// so a failure here is harmless and ignored.
+fn start_writeback(file: &File, offset: u64, len: u64) {
+    use std::os::fd::AsRawFd;
+    let (Ok(offset), Ok(len)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return;
+    };
+    // SAFETY: a plain syscall on a file descriptor we own; no memory is passed.
+    unsafe {
+        libc::sync_file_range(file.as_raw_fd(), offset, len, libc::SYNC_FILE_RANGE_WRITE);
+    }
+}
+
 /// Chunk size for streaming files: large, so a big transfer costs few
 /// thread hops, small enough that memory does not grow with file size.
 pub const CHUNK: usize = 512 * 1024;
@@ -441,7 +459,15 @@ pub struct TempFile {
 impl TempFile {
     pub fn write_all(&mut self, buf: &[u8]) -> Result<(), StoreError> {
         self.file.write_all(buf)?;
+        let start = self.len;
         self.len += buf.len() as u64;
+        // Large uploads: start writing each completed stretch to disk now,
+        // so the sync before the rename finds little left to do, and the
+        // page cache never fills with one upload's dirty pages.
+        if start / WRITEBACK_STEP != self.len / WRITEBACK_STEP {
+            let from = (self.len / WRITEBACK_STEP - 1) * WRITEBACK_STEP;
+            start_writeback(&self.file, from, WRITEBACK_STEP);
+        }
         Ok(())
     }
 

@@ -334,7 +334,8 @@ impl Api {
     ) -> Result<(Option<TempFile>, BytesMut, String), Error> {
         let mut hasher = Sha1::new();
         let mut buf = BytesMut::new();
-        let mut temp: Option<TempFile> = None;
+        // One chunk is written on a blocking thread while the next arrives.
+        let mut writing: Option<tokio::task::JoinHandle<Result<TempFile, Error>>> = None;
         let mut total: u64 = 0;
         let timeout = self.config.read_timeout;
         loop {
@@ -357,21 +358,25 @@ impl Api {
             buf.extend_from_slice(&data);
             if buf.len() >= CHUNK {
                 let chunk = buf.split().freeze();
+                let previous = match writing.take() {
+                    Some(handle) => Some(join(handle).await?),
+                    None => None,
+                };
                 let store = self.store.clone();
-                let t = temp.take();
-                temp = Some(
-                    blocking(move || -> Result<TempFile, Error> {
-                        let mut t = match t {
-                            Some(t) => t,
-                            None => store.create_temp()?,
-                        };
-                        t.write_all(&chunk)?;
-                        Ok(t)
-                    })
-                    .await??,
-                );
+                writing = Some(tokio::task::spawn_blocking(move || {
+                    let mut t = match previous {
+                        Some(t) => t,
+                        None => store.create_temp()?,
+                    };
+                    t.write_all(&chunk)?;
+                    Ok(t)
+                }));
             }
         }
+        let temp = match writing {
+            Some(handle) => Some(join(handle).await?),
+            None => None,
+        };
         Ok((temp, buf, hex(&hasher.finalize())))
     }
 
@@ -394,7 +399,8 @@ impl Api {
 
     async fn status(&self) -> Result<Response<Body>, Error> {
         let state = self.state.clone();
-        let queues = blocking(move || state.queues()).await??;
+        let stats = self.stats.clone();
+        let queues = blocking(move || state.queues(|n| stats.position(n))).await??;
         let now = crate::state::unix_now();
         let mut map = serde_json::Map::new();
         for q in queues {
@@ -486,6 +492,11 @@ fn file_body(file: std::fs::File, start: u64, count: u64) -> Body {
     BodyExt::boxed(StreamBody::new(
         crate::store::file_stream(file, start, count).map(|r| r.map(Frame::data)),
     ))
+}
+
+/// The result of a blocking chunk write.
+async fn join(handle: tokio::task::JoinHandle<Result<TempFile, Error>>) -> Result<TempFile, Error> {
+    handle.await.map_err(|e| Error::Task(e.to_string()))?
 }
 
 /// Run blocking file-system work off the async workers.
