@@ -256,7 +256,7 @@ def main():
                "--repeat", str(args.repeat), "--out", out]
         if args.quick:
             cmd.append("--quick")
-        ref_cmd = " ".join(cmd).replace(ROOT + "/", "")
+        ref_cmd = " ".join(cmd).replace(ROOT + "/", "").replace(os.path.dirname(ROOT) + "/", "../")
         subprocess.run(cmd, check=True)
         with open(out) as f:
             ref = json.load(f)
