@@ -165,11 +165,6 @@ impl Store {
         Ok(())
     }
 
-    /// The storage directory's path.
-    pub fn root(&self) -> &Path {
-        &self.root
-    }
-
     /// A new, empty temporary file in the storage file system.
     pub fn create_temp(&self) -> Result<TempFile, StoreError> {
         let n = self.counter.fetch_add(1, Ordering::Relaxed);
@@ -470,20 +465,6 @@ impl TempFile {
         }
         Ok(())
     }
-
-    /// Flush the contents to stable storage (before the rename).
-    pub fn sync(&mut self) -> Result<(), StoreError> {
-        self.file.sync_all()?;
-        Ok(())
-    }
-
-    pub fn len(&self) -> u64 {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
 }
 
 impl Drop for TempFile {
@@ -634,7 +615,6 @@ mod tests {
     fn put(store: &Store, name: &str, body: &[u8]) -> Placed {
         let mut temp = store.create_temp().unwrap();
         temp.write_all(body).unwrap();
-        temp.sync().unwrap();
         let prepared = store.prepare(name).unwrap();
         store.place(&mut temp, &prepared).unwrap()
     }

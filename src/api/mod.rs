@@ -1,8 +1,9 @@
-//! The HTTP API of one node: requests in, store and state calls out.
-//! Owns the meaning of each method (SPEC "HTTP API"), the response headers
-//! and the order of durability steps for PUT and DELETE. It never touches
-//! the disk or the database directly; it calls `store` (on blocking
-//! threads) and `state`.
+//! The HTTP API of one node: requests in, store, state and ingest calls
+//! out. Owns the meaning of each method (SPEC "HTTP API"), the response
+//! headers, receiving upload bodies, and the order of DELETE's durability
+//! steps (PUT's are in `ingest`). It never touches the disk or the database
+//! directly; it calls `store` (on blocking threads, or cache-only on the
+//! async thread), `state` and `ingest`.
 
 pub mod precondition;
 pub mod range;
