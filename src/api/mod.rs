@@ -13,7 +13,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use futures_util::StreamExt;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Method, Request, Response, StatusCode};
@@ -203,9 +203,12 @@ impl Api {
         }
 
         let ext = name::split_ext(name).1.trim_start_matches('.');
-        let mime = mime_guess::from_ext(ext).first_or_octet_stream();
-        headers.insert(header::CONTENT_TYPE, hv(mime.essence_str()));
-        if is_active_content(mime.essence_str()) {
+        // The static table entry: no parsing, no allocation per request.
+        let mime = mime_guess::from_ext(ext)
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
+        if is_active_content(mime) {
             // Opened directly, an uploaded page or image must not run script
             // with the linking application's origin.
             headers.insert(
@@ -317,10 +320,7 @@ impl Api {
         }
         let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
         let _guard = self.locks.lock(&stored).await;
-        let content = Content {
-            temp,
-            tail: tail.freeze(),
-        };
+        let content = Content { temp, tail };
         match self.ingest.submit(stored.clone(), content).await? {
             Outcome::Created => Ok(located(StatusCode::CREATED, &stored)),
             Outcome::Exists => Ok(located(StatusCode::FOUND, &stored)),
@@ -334,10 +334,13 @@ impl Api {
     async fn receive(
         &self,
         mut body: Incoming,
-    ) -> Result<(Option<TempFile>, BytesMut, String), Error> {
+    ) -> Result<(Option<TempFile>, Bytes, String), Error> {
         let mut hasher = Sha1::new();
-        let mut buf = BytesMut::new();
-        // One chunk is written on a blocking thread while the next arrives.
+        // Frames are kept as they arrive (no copy) until they add up to a
+        // chunk; one chunk is written on a blocking thread while the next
+        // arrives.
+        let mut frames: Vec<Bytes> = Vec::new();
+        let mut buffered = 0;
         let mut writing: Option<tokio::task::JoinHandle<Result<TempFile, Error>>> = None;
         let mut total: u64 = 0;
         let timeout = self.config.read_timeout;
@@ -358,9 +361,11 @@ impl Api {
                 }
             }
             hasher.update(&data);
-            buf.extend_from_slice(&data);
-            if buf.len() >= CHUNK {
-                let chunk = buf.split().freeze();
+            buffered += data.len();
+            frames.push(data);
+            if buffered >= CHUNK {
+                let chunk = std::mem::take(&mut frames);
+                buffered = 0;
                 let previous = match writing.take() {
                     Some(handle) => Some(join(handle).await?),
                     None => None,
@@ -371,7 +376,9 @@ impl Api {
                         Some(t) => t,
                         None => store.create_temp()?,
                     };
-                    t.write_all(&chunk)?;
+                    for frame in &chunk {
+                        t.write_all(frame)?;
+                    }
                     Ok(t)
                 }));
             }
@@ -380,7 +387,13 @@ impl Api {
             Some(handle) => Some(join(handle).await?),
             None => None,
         };
-        Ok((temp, buf, hex(&hasher.finalize())))
+        // The tail is usually one frame (all of a small body): no copy then.
+        let tail = match frames.len() {
+            0 => Bytes::new(),
+            1 => frames.swap_remove(0),
+            _ => Bytes::from(frames.concat()),
+        };
+        Ok((temp, tail, hex(&hasher.finalize())))
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
