@@ -49,6 +49,9 @@ pub enum Purpose {
 /// Strict percent-decoding of a request path (without its leading `/`).
 /// A `%` not followed by two hex digits, or bytes that are not UTF-8, are refused.
 pub fn decode(raw: &str) -> Result<String, NameError> {
+    if !raw.contains('%') {
+        return Ok(raw.to_owned());
+    }
     let bytes = raw.as_bytes();
     let mut out = Vec::with_capacity(bytes.len());
     let mut i = 0;
