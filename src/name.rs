@@ -186,6 +186,18 @@ pub fn content_sha1(name: &str) -> Option<String> {
     split_stored(name).map(|p| p.sha1.to_ascii_lowercase())
 }
 
+/// Last second that HTTP dates can express (9999-12-31T23:59:59Z).
+pub const MAX_HTTP_SECS: u64 = 253_402_300_799;
+
+/// The upload time a stored name carries, in Unix seconds, if it has the
+/// stored form and the time is one an HTTP date can express. Every node
+/// derives `Last-Modified` from it, so replicas answer alike.
+pub fn stored_secs(name: &str) -> Option<u64> {
+    split_stored(name)
+        .and_then(|p| p.secs.parse().ok())
+        .filter(|s| *s <= MAX_HTTP_SECS)
+}
+
 /// The stored name for content with hash `sha1_hex` (lower-case) PUT to
 /// `requested` at `now_secs`: unchanged when it already names this content,
 /// otherwise `_<now>_<sha1>` goes before the extension.
@@ -375,6 +387,21 @@ mod tests {
         assert_eq!(
             content_sha1(&format!("b_1_{}", SHA.to_uppercase())).unwrap(),
             SHA
+        );
+    }
+
+    #[test]
+    fn upload_time_from_the_name() {
+        assert_eq!(
+            stored_secs(&format!("a/b_1700000000_{SHA}.txt")),
+            Some(1_700_000_000)
+        );
+        assert_eq!(stored_secs("plain.txt"), None);
+        // Beyond what an HTTP date can say, or beyond u64: not used.
+        assert_eq!(stored_secs(&format!("b_253402300800_{SHA}")), None);
+        assert_eq!(
+            stored_secs(&format!("b_99999999999999999999999_{SHA}")),
+            None
         );
     }
 

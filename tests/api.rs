@@ -258,6 +258,15 @@ fn get_returns_body_and_headers() {
         lm_secs.abs_diff(unix_now()) < 120,
         "Last-Modified {lm} should be about now"
     );
+    let named_secs: u64 = loc
+        .rsplit('_')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("no upload time in {loc}"));
+    assert_eq!(
+        lm_secs, named_secs,
+        "Last-Modified is the upload time in the stored name (the same on every node)"
+    );
     assert_server_header(&r, "GET 200");
 }
 

@@ -11,10 +11,12 @@ use common::proxy::{Fault, Proxy};
 use common::*;
 
 /// Check that every node serves `location` with exactly `body` and the same
-/// content headers (stored name, ETag, X-Content-SHA1, type, length).
+/// content headers (stored name, ETag, X-Content-SHA1, type, length,
+/// Last-Modified).
 fn assert_same_everywhere(nodes: &[&Node], location: &str, body: &[u8]) {
     let sha = sha1_hex(body);
     let mut first_type: Option<String> = None;
+    let mut first_modified: Option<String> = None;
     for node in nodes {
         let resp = node.get(location);
         assert_eq!(
@@ -49,6 +51,17 @@ fn assert_same_everywhere(nodes: &[&Node], location: &str, body: &[u8]) {
             "Content-Length of {location} on {}",
             node.url()
         );
+        let modified = resp.header("last-modified");
+        assert!(modified.is_some(), "no Last-Modified on {}", node.url());
+        match &first_modified {
+            None => first_modified = modified,
+            Some(m) => assert_eq!(
+                modified.as_ref(),
+                Some(m),
+                "Last-Modified of {location} differs on {}",
+                node.url()
+            ),
+        }
         let ct = resp.header("content-type");
         match &first_type {
             None => first_type = ct,

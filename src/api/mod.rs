@@ -176,7 +176,14 @@ impl Api {
         let len = small
             .as_ref()
             .map_or(u64::try_from(stat.st_size).unwrap_or(0), |b| b.len() as u64);
-        let mtime = UNIX_EPOCH + Duration::from_secs(u64::try_from(stat.st_mtime).unwrap_or(0));
+        // The upload time in the stored name, the same on every node; the
+        // file's own time (clamped to what HTTP dates can say) otherwise.
+        let secs = name::stored_secs(name).unwrap_or_else(|| {
+            u64::try_from(stat.st_mtime)
+                .unwrap_or(0)
+                .min(name::MAX_HTTP_SECS)
+        });
+        let mtime = UNIX_EPOCH + Duration::from_secs(secs);
         let sha1 = name::content_sha1(name);
         let etag = sha1.as_ref().map(|s| format!("\"{s}\""));
 
