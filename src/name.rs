@@ -97,23 +97,23 @@ pub fn check(name: &str, purpose: Purpose) -> Result<(), NameError> {
     if name.chars().any(char::is_control) {
         return Err(NameError::Control);
     }
-    if name.len() > MAX_NAME {
-        // A stored name is the requested name plus `_<secs>_<sha1>`, so a
-        // name accepted on PUT may come back longer than the limit: reads of
-        // such a stored name are allowed.
-        let requested_len = match (purpose, split_stored(name)) {
-            (Purpose::Read, Some(parts)) => parts.requested_len(),
-            _ => name.len(),
-        };
-        if requested_len > MAX_NAME {
-            return Err(NameError::TooLong);
-        }
+    // A name in stored form (a re-PUT to a Location, a replica, a read) is
+    // measured by the part its uploader chose: the node itself added
+    // `_<secs>_<sha1>`, and every name it stored must be accepted again by
+    // its neighbours.
+    let stored = split_stored(name);
+    let requested_len = stored
+        .as_ref()
+        .map_or(name.len(), StoredParts::requested_len);
+    if requested_len > MAX_NAME {
+        return Err(NameError::TooLong);
     }
-    let limit = match purpose {
-        Purpose::Put => MAX_PUT_SEGMENT,
-        Purpose::Read => MAX_SEGMENT,
+    let last_limit = match (purpose, &stored) {
+        (Purpose::Put, None) => MAX_PUT_SEGMENT,
+        _ => MAX_SEGMENT,
     };
-    for segment in name.split('/') {
+    let mut segments = name.split('/').peekable();
+    while let Some(segment) = segments.next() {
         if segment.is_empty() {
             return Err(NameError::EmptySegment);
         }
@@ -123,6 +123,11 @@ pub fn check(name: &str, purpose: Purpose) -> Result<(), NameError> {
         if segment.starts_with('.') {
             return Err(NameError::HiddenSegment);
         }
+        let limit = match (purpose, segments.peek()) {
+            (_, None) => last_limit,
+            (Purpose::Put, Some(_)) => MAX_PUT_SEGMENT,
+            (Purpose::Read, Some(_)) => MAX_SEGMENT,
+        };
         if segment.len() > limit {
             return Err(NameError::SegmentTooLong(limit));
         }
@@ -320,6 +325,29 @@ mod tests {
         assert_eq!(
             check(&s256, Purpose::Read),
             Err(NameError::SegmentTooLong(255))
+        );
+    }
+
+    #[test]
+    fn every_stored_name_can_be_put_again() {
+        // The longest accepted upload name yields a stored name that a
+        // neighbour (or a re-PUT to the Location) must accept.
+        let requested = format!(
+            "{}/{}.txt",
+            vec!["d".repeat(200); 4].join("/"),
+            "f".repeat(196)
+        );
+        assert!(check(&requested, Purpose::Put).is_ok());
+        let stored = stored_name(&requested, SHA, 1_795_000_000);
+        assert!(stored.len() > MAX_NAME);
+        assert!(stored.rsplit('/').next().unwrap().len() > MAX_PUT_SEGMENT);
+        assert_eq!(check(&stored, Purpose::Put), Ok(()));
+        assert_eq!(check(&stored, Purpose::Read), Ok(()));
+        // Directories keep the PUT limit, stored form or not.
+        let deep = format!("{}/x_1_{SHA}", "d".repeat(201));
+        assert_eq!(
+            check(&deep, Purpose::Put),
+            Err(NameError::SegmentTooLong(200))
         );
     }
 

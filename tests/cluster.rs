@@ -145,15 +145,23 @@ fn full_mesh_of_three_replicates_puts_and_deletes() {
     }
 
     // Uploads to each node, including a sub-directory, a name needing
-    // percent-encoding, an empty file and one larger than a single read.
+    // percent-encoding, an empty file, one larger than a single read, and
+    // the longest name a PUT accepts (its stored name is over 1024 bytes,
+    // its last segment over 200, and the neighbours must still take it).
     let mut rng = Rng::new(7);
     let big = rng.bytes(300 * 1024 + 11);
+    let longest = format!(
+        "/{}/{}.txt",
+        vec!["d".repeat(200); 4].join("/"),
+        "f".repeat(196)
+    );
     let uploads: Vec<(usize, &str, Vec<u8>)> = vec![
         (0, "/mesh/a.txt", b"hello from A\n".to_vec()),
         (0, "/empty.dat", Vec::new()),
         (1, "/b%20file.bin", rng.bytes(5000)),
         (1, "/big/blob.bin", big),
         (2, "/c", b"no extension".to_vec()),
+        (2, longest.as_str(), b"the longest name".to_vec()),
     ];
     let mut stored = Vec::new();
     for (i, path, body) in &uploads {

@@ -326,6 +326,9 @@ impl Api {
             }
         }
         let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
+        // A stored-form name sent with other content gets a second suffix,
+        // which may no longer fit the file system's limits.
+        name::check(&stored, Purpose::Read)?;
         let _guard = self.locks.lock(&stored).await;
         let content = Content { temp, tail };
         match self.ingest.submit(stored.clone(), content).await? {
