@@ -461,7 +461,11 @@ impl Api {
 
 /// Bytes of the request line and headers as they came over the wire.
 fn head_size<B>(req: &Request<B>) -> usize {
-    let line = req.method().as_str().len() + req.uri().to_string().len() + 11;
+    let uri = req.uri();
+    let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(1, |p| p.as_str().len());
+    let line = req.method().as_str().len() + target + 11;
     req.headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
