@@ -142,7 +142,7 @@ impl Cli {
             return Err(ConfigError::NotHttp(p.clone()));
         }
         let token = match (self.token, &self.token_file) {
-            (Some(t), _) => Some(t),
+            (Some(t), _) => Some(t.trim().to_string()),
             (None, Some(path)) => {
                 let text = std::fs::read_to_string(path)
                     .map_err(|e| ConfigError::TokenFile(path.clone(), e))?;
@@ -198,28 +198,21 @@ impl Cli {
     }
 }
 
-/// `http://Host:1/` and `http://host:1` name the same node: lower-case the
-/// scheme and host, drop a trailing slash.
+/// Check a URL and give it one spelling, so that `http://Host:1/` and
+/// `http://host:1` name the same node: the URL parser lower-cases the
+/// scheme and host (not credentials), drops a default port, and the
+/// trailing slash goes.
 pub fn normalize_url(url: &str) -> Result<String, ConfigError> {
     let bad = || ConfigError::BadUrl(url.to_string());
-    let trimmed = url.trim();
-    let (scheme, rest) = trimmed.split_once("://").ok_or_else(bad)?;
-    let scheme = scheme.to_ascii_lowercase();
-    if scheme != "http" && scheme != "https" {
+    let parsed = reqwest::Url::parse(url.trim()).map_err(|_| bad())?;
+    if !matches!(parsed.scheme(), "http" | "https")
+        || parsed.host_str().is_none_or(str::is_empty)
+        || parsed.query().is_some()
+        || parsed.fragment().is_some()
+    {
         return Err(bad());
     }
-    let (authority, path) = match rest.find('/') {
-        Some(i) => rest.split_at(i),
-        None => (rest, ""),
-    };
-    if authority.is_empty() || authority.contains(char::is_whitespace) {
-        return Err(bad());
-    }
-    let path = path.trim_end_matches('/');
-    Ok(format!(
-        "{scheme}://{}{path}",
-        authority.to_ascii_lowercase()
-    ))
+    Ok(parsed.as_str().trim_end_matches('/').to_string())
 }
 
 /// Seconds as a non-negative decimal number (`0.5`, `30`).
@@ -292,6 +285,15 @@ mod tests {
         );
         assert_eq!(normalize_url("HTTP://a:1").unwrap(), "http://a:1");
         assert!(normalize_url("localhost:9001").is_err());
+        assert!(normalize_url("http://127.0.0.1:99999").is_err());
+        assert!(normalize_url("http://[::1").is_err());
+        assert!(normalize_url("http://a b").is_err());
+        // Credentials keep their case; the host does not.
+        assert_eq!(
+            normalize_url("http://User:Secret@Proxy:3128/").unwrap(),
+            "http://User:Secret@proxy:3128"
+        );
+        assert_eq!(normalize_url("http://[::1]:80/").unwrap(), "http://[::1]");
         assert!(normalize_url("ftp://a").is_err());
         assert!(normalize_url("http://").is_err());
     }
@@ -311,6 +313,14 @@ mod tests {
         ]);
         let config = cli.into_config().unwrap();
         assert_eq!(config.neighbours, vec!["http://127.0.0.1:2".to_string()]);
+    }
+
+    #[test]
+    fn tokens_are_trimmed_and_never_empty() {
+        let cli = Cli::parse_from(["cockatiel", "--token", " s3cret \n"]);
+        assert_eq!(cli.into_config().unwrap().token.as_deref(), Some("s3cret"));
+        let cli = Cli::parse_from(["cockatiel", "--token", "  "]);
+        assert!(matches!(cli.into_config(), Err(ConfigError::EmptyToken)));
     }
 
     #[test]

@@ -46,7 +46,8 @@ struct Job {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
-/// Handle to the ingest thread.
+/// Handle to the ingest thread; cheap to clone.
+#[derive(Clone)]
 pub struct Ingest {
     tx: std_mpsc::Sender<Job>,
 }

@@ -55,6 +55,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .await
         .map_err(|e| StartError::Listen(addr.clone(), e))?;
     let local: Option<SocketAddr> = listener.local_addr().ok();
+    // With -p 0 the kernel picks the port: say which.
+    let addr = local.map_or(addr, |a| a.to_string());
     if config.token.is_none() && local.is_some_and(|a| !a.ip().is_loopback()) {
         tracing::warn!(
             "listening on {addr} beyond loopback without a token: anyone who reaches it can write and delete (set --token)"

@@ -37,6 +37,8 @@ pub enum NameError {
     TooLong,
     #[error("a path segment is longer than {0} bytes")]
     SegmentTooLong(usize),
+    #[error("a directory name may not have the form of a stored file name (_<digits>_<sha1>)")]
+    StoredFormDirectory,
 }
 
 /// What the name is checked for: PUT has the tighter segment limit.
@@ -122,6 +124,12 @@ pub fn check(name: &str, purpose: Purpose) -> Result<(), NameError> {
         }
         if segment.starts_with('.') {
             return Err(NameError::HiddenSegment);
+        }
+        // Stored files always end in `_<digits>_<sha1>`; directories never
+        // may, so a file and a directory can never claim the same path on
+        // any node, and no replica can be refused for such a clash.
+        if purpose == Purpose::Put && segments.peek().is_some() && split_stored(segment).is_some() {
+            return Err(NameError::StoredFormDirectory);
         }
         let limit = match (purpose, segments.peek()) {
             (_, None) => last_limit,
@@ -349,6 +357,24 @@ mod tests {
             check(&deep, Purpose::Put),
             Err(NameError::SegmentTooLong(200))
         );
+    }
+
+    #[test]
+    fn directories_never_look_like_stored_files() {
+        let dir = format!("d_1700000000_{SHA}");
+        assert_eq!(
+            check(&format!("{dir}/x.txt"), Purpose::Put),
+            Err(NameError::StoredFormDirectory)
+        );
+        assert_eq!(
+            check(&format!("a/{dir}.jpg/x.txt"), Purpose::Put),
+            Err(NameError::StoredFormDirectory)
+        );
+        // Reads and deletions of such paths are plain lookups.
+        assert!(check(&format!("{dir}/x.txt"), Purpose::Read).is_ok());
+        // The file itself is fine, and so are directories that merely look close.
+        assert!(check(&dir, Purpose::Put).is_ok());
+        assert!(check(&format!("d_1700000000/x_1_{SHA}"), Purpose::Put).is_ok());
     }
 
     #[test]

@@ -228,9 +228,15 @@ impl Sender {
         }
     }
 
-    /// Deliver one operation; Ok when the neighbour accepted it.
+    /// Deliver one operation; Ok when the neighbour accepted it. A panic
+    /// while delivering counts as a failure, so the operation is retried
+    /// and the position is never stuck behind it.
     async fn send(self: Arc<Self>, op: Op) -> (Op, Result<(), String>) {
-        let result = self.deliver(&op).await;
+        use futures_util::FutureExt;
+        let result = std::panic::AssertUnwindSafe(self.deliver(&op))
+            .catch_unwind()
+            .await
+            .unwrap_or_else(|_| Err("internal error while sending".to_string()));
         (op, result)
     }
 

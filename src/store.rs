@@ -279,6 +279,20 @@ impl Store {
     /// Make sure the parent directories of `name` exist and say what `name`
     /// itself is now. New directories are durable after the next `sync`.
     pub fn prepare(&self, name: &str) -> Result<Prepared, StoreError> {
+        // A concurrent deletion may prune a directory we are walking through
+        // (mkdirat in it then fails with ENOENT): walk again from the root.
+        for _ in 0..8 {
+            if let Some(prepared) = self.prepare_once(name)? {
+                return Ok(prepared);
+            }
+        }
+        Err(StoreError::Io(io::Error::other(
+            "the parent directory kept disappearing",
+        )))
+    }
+
+    /// One walk for `prepare`; None when a directory vanished under it.
+    fn prepare_once(&self, name: &str) -> Result<Option<Prepared>, StoreError> {
         let (dirs, base) = match name.rsplit_once('/') {
             Some((dirs, base)) => (Some(dirs), base),
             None => (None, name),
@@ -294,12 +308,17 @@ impl Store {
                     match mkdirat(here, component, Mode::from_raw_mode(0o755)) {
                         Ok(()) => {}
                         Err(Errno::EXIST) => {} // made by a concurrent upload
+                        Err(Errno::NOENT) => return Ok(None), // `here` was pruned
                         Err(e) => return Err(e.into()),
                     }
-                    open_dir_at(here, component).map_err(|e| match e {
-                        Errno::NOTDIR | Errno::LOOP | Errno::XDEV => StoreError::ParentNotDir,
-                        e => e.into(),
-                    })?
+                    match open_dir_at(here, component) {
+                        Ok(fd) => fd,
+                        Err(Errno::NOENT) => return Ok(None), // pruned again
+                        Err(Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => {
+                            return Err(StoreError::ParentNotDir)
+                        }
+                        Err(e) => return Err(e.into()),
+                    }
                 }
                 Err(Errno::NOTDIR | Errno::LOOP | Errno::XDEV) => {
                     return Err(StoreError::ParentNotDir)
@@ -316,11 +335,11 @@ impl Store {
             Err(Errno::NOENT) => Entry::Absent,
             Err(e) => return Err(e.into()),
         };
-        Ok(Prepared {
+        Ok(Some(Prepared {
             parent,
             base: base.to_string(),
             existing,
-        })
+        }))
     }
 
     /// Rename a synced temporary file into place, never replacing an
@@ -479,7 +498,8 @@ type SyncReply = tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>;
 
 /// Group sync: callers that ask while a `syncfs` is running wait for the
 /// next one, which then serves all of them. A caller is answered only by a
-/// sync that started after it asked, so its writes are covered.
+/// sync that started after it asked, so its writes are covered. Cheap to clone.
+#[derive(Clone)]
 pub struct Syncer {
     tx: tokio::sync::mpsc::UnboundedSender<SyncReply>,
 }

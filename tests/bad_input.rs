@@ -210,8 +210,15 @@ fn put_onto_an_existing_directory_is_refused() {
     let node = Node::start(&[]);
     let body = b"content whose stored name is a directory";
     let dir_name = format!("/d_1700000000_{}.txt", sha1_hex(body));
-    // Create that directory through the API: a file below it.
-    let inner = node.put_ok(&format!("{dir_name}/inner.txt"), b"inner");
+    // The API never makes a directory with a stored file's name...
+    let r = node.put(&format!("{dir_name}/inner.txt"), b"inner");
+    assert_refused(&r, "PUT below a directory named like a stored file");
+    assert!(!node.stored_path(&dir_name).exists(), "no directory made");
+    // ...but an operator may: a file placed below it by hand.
+    fs::create_dir_all(node.stored_path(&dir_name)).unwrap();
+    let inner_name = format!("{}_1700000000_{}.txt", "inner", sha1_hex(b"inner"));
+    fs::write(node.stored_path(&dir_name).join(&inner_name), b"inner").unwrap();
+    let inner = format!("{dir_name}/{inner_name}");
     assert!(node.stored_path(&dir_name).is_dir());
     let r = node.put(&dir_name, body);
     assert_refused(&r, "PUT onto an existing directory");

@@ -492,3 +492,58 @@ fn sigterm_during_upload_exits_zero_and_leaves_nothing_partial() {
     node.assert_tmp_empty_soon("after SIGTERM during an upload");
     verify_all(&node, &before, "after SIGTERM during an upload");
 }
+
+/// A client that hangs up right after sending its upload must not let a
+/// DELETE of the same name slip in between the upload's logged operation
+/// and its rename (the DELETE would find nothing, and the file would then
+/// appear under a deleted name). Dirty data on the file system makes the
+/// upload's sync slow, which holds that window open.
+#[test]
+fn delete_after_a_hung_up_upload_still_deletes() {
+    let mut node = Node::start(&[]);
+    let body = b"uploaded by a client that hangs up".to_vec();
+    // A stored-form name is kept as sent, so the DELETE can name it at once.
+    let name = format!("/hang_1700000000_{}.txt", sha1_hex(&body));
+    // Half a gigabyte of unsynced data on the same file system.
+    let junk = node.root().join("junk.bin");
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&junk).expect("junk file");
+        let block = vec![7u8; 1 << 20];
+        for _ in 0..512 {
+            f.write_all(&block).expect("write junk");
+        }
+    }
+    let mut conn = Conn::open(node.port());
+    let head = format!(
+        "PUT {name} HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    );
+    conn.send(head.as_bytes()).unwrap();
+    conn.send(&body).unwrap();
+    // Let the upload reach its commit, then hang up and delete at once.
+    std::thread::sleep(Duration::from_millis(50));
+    drop(conn);
+    let r = node.delete(&name);
+    assert!(
+        r.status == 200 || r.status == 404,
+        "DELETE: {}",
+        r.describe()
+    );
+    let _ = std::fs::remove_file(&junk);
+    // Whatever the order, the name ends deleted: absent now and after a restart.
+    let gone = wait_until(Duration::from_secs(20), || {
+        node.get(&name).status == 404 && !node.stored_path(&name).exists()
+    });
+    assert!(
+        gone,
+        "a deleted name is served: GET {} , on disk: {}",
+        node.get(&name).status,
+        node.stored_path(&name).exists()
+    );
+    node.kill9();
+    node.restart();
+    assert_eq!(node.get(&name).status, 404, "after restart");
+    assert!(!node.stored_path(&name).exists(), "on disk after restart");
+    assert_eq!(node.put(&name, &body).status, 409, "the name stays deleted");
+}

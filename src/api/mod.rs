@@ -300,6 +300,9 @@ impl Api {
         // travels (it would change nothing).
         if let Some(sha) = &expected {
             if name::content_sha1(&name).as_deref() == Some(sha.as_str()) {
+                // Under the lock: a file still between its commit and its
+                // rename (not yet durable) must not be reported as present.
+                let _guard = self.locks.lock(&name).await;
                 let (store, state, n) = (self.store.clone(), self.state.clone(), name.clone());
                 let known = blocking(move || -> Result<_, Error> {
                     if state.is_deleted(&n)? {
@@ -329,9 +332,19 @@ impl Api {
         // A stored-form name sent with other content gets a second suffix,
         // which may no longer fit the file system's limits.
         name::check(&stored, Purpose::Read)?;
-        let _guard = self.locks.lock(&stored).await;
         let content = Content { temp, tail };
-        match self.ingest.submit(stored.clone(), content).await? {
+        // From here on the upload runs to its end even if the client goes
+        // away (hyper then drops this future): the name lock must cover the
+        // whole commit-and-rename, or a sender or a DELETE could slip in
+        // between the logged operation and the rename.
+        let (locks, ingest, n) = (self.locks.clone(), self.ingest.clone(), stored.clone());
+        let outcome = tokio::spawn(async move {
+            let _guard = locks.lock(&n).await;
+            ingest.submit(n, content).await
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+        match outcome {
             Outcome::Created => Ok(located(StatusCode::CREATED, &stored)),
             Outcome::Exists => Ok(located(StatusCode::FOUND, &stored)),
             Outcome::Deleted => Err(Error::Deleted),
@@ -407,15 +420,28 @@ impl Api {
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
-        let _guard = self.locks.lock(name).await;
-        let record = self.state.delete(name).await?;
-        let (store, n) = (self.store.clone(), name.to_string());
-        let existed = blocking(move || store.remove(&n)).await??;
-        if record == DeleteRecord::New {
-            // Until the unlink is durable, start-up must be able to redo it.
-            self.syncer.sync().await?;
-            self.state.unlinked(name);
-        }
+        let (locks, state, store, syncer) = (
+            self.locks.clone(),
+            self.state.clone(),
+            self.store.clone(),
+            self.syncer.clone(),
+        );
+        let n = name.to_string();
+        // Runs to its end even if the client goes away, like an upload.
+        let existed = tokio::spawn(async move {
+            let _guard = locks.lock(&n).await;
+            let record = state.delete(&n).await?;
+            let (s, n2) = (store.clone(), n.clone());
+            let existed = blocking(move || s.remove(&n2)).await??;
+            if record == DeleteRecord::New {
+                // Until the unlink is durable, start-up must be able to redo it.
+                syncer.sync().await?;
+                state.unlinked(&n);
+            }
+            Ok::<_, Error>(existed)
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
         Ok(if existed {
             text(StatusCode::OK, "deleted")
         } else {
