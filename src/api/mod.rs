@@ -92,7 +92,13 @@ impl Api {
             tracing::debug!("{method} {uri} -> {}", resp.status().as_u16());
         }
         if method == Method::HEAD {
-            // Same headers as GET, no body (Content-Length stays as set).
+            // Same headers as GET, no body: the length GET would send stays.
+            if !resp.headers().contains_key(header::CONTENT_LENGTH) {
+                if let Some(len) = http_body::Body::size_hint(resp.body()).exact() {
+                    resp.headers_mut()
+                        .insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                }
+            }
             *resp.body_mut() = empty();
         }
         resp.headers_mut()
