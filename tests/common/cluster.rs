@@ -27,12 +27,7 @@ impl Node {
     /// A node on `port` (chosen in advance) whose directories exist but
     /// whose process is not started: start it with [`Node::restart`].
     pub fn prepare(port: u16, extra: &[String]) -> Node {
-        let root = tempfile::Builder::new()
-            .prefix("cockatiel-test-")
-            .tempdir()
-            .expect("create temp dir");
-        fs::create_dir_all(root.path().join("storage")).expect("create storage dir");
-        fs::create_dir_all(root.path().join("queue")).expect("create queue dir");
+        let root = Node::new_root();
         Node {
             child: None,
             port,

@@ -69,15 +69,21 @@ enum StartError {
 }
 
 impl Node {
-    /// Start a node with `-p PORT -H 127.0.0.1 --storage DIR --queue DIR`
-    /// plus `extra` arguments. In `extra`, `{port}` is replaced by the port.
-    pub fn start(extra: &[&str]) -> Node {
+    /// A fresh temp directory holding empty `storage` and `queue` directories.
+    pub fn new_root() -> tempfile::TempDir {
         let root = tempfile::Builder::new()
             .prefix("cockatiel-test-")
             .tempdir()
             .expect("create temp dir");
         fs::create_dir_all(root.path().join("storage")).expect("create storage dir");
         fs::create_dir_all(root.path().join("queue")).expect("create queue dir");
+        root
+    }
+
+    /// Start a node with `-p PORT -H 127.0.0.1 --storage DIR --queue DIR`
+    /// plus `extra` arguments. In `extra`, `{port}` is replaced by the port.
+    pub fn start(extra: &[&str]) -> Node {
+        let root = Node::new_root();
         let mut node = Node {
             child: None,
             port: 0,
