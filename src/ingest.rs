@@ -85,11 +85,9 @@ struct Ready {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
-/// Renamed into place; answered once the next sync has made it durable.
-type Renamed = (
-    oneshot::Sender<Result<Outcome, Error>>,
-    Result<Outcome, Error>,
-);
+/// A new file renamed into place: answered `Created` once the next sync
+/// has made it durable.
+type Renamed = oneshot::Sender<Result<Outcome, Error>>;
 
 fn run(store: &Store, state: &State, rx: &std_mpsc::Receiver<Job>) {
     let mut renamed: Vec<Renamed> = Vec::new();
@@ -119,15 +117,15 @@ fn run(store: &Store, state: &State, rx: &std_mpsc::Receiver<Job>) {
         // One sync: the previous round's renames and this round's contents
         // (and new directories) become durable together.
         let synced = store.sync();
-        for (reply, outcome) in renamed.drain(..) {
+        for reply in renamed.drain(..) {
             let _ = reply.send(match &synced {
-                Ok(()) => outcome,
-                Err(e) => Err(Error::Store(copy_error(e))),
+                Ok(()) => Ok(Outcome::Created),
+                Err(e) => Err(Error::Store(e.copy())),
             });
         }
         if let Err(e) = &synced {
             for r in ready {
-                let _ = r.reply.send(Err(Error::Store(copy_error(e))));
+                let _ = r.reply.send(Err(Error::Store(e.copy())));
             }
             continue;
         }
@@ -183,7 +181,7 @@ fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed
             place(store, &r.name, &mut r.temp, &mut r.at)
         };
         if matches!(outcome, Ok(Outcome::Created)) {
-            renamed.push((r.reply, outcome));
+            renamed.push(r.reply);
         } else {
             let _ = r.reply.send(outcome);
         }
@@ -233,14 +231,4 @@ fn place(
     Err(Error::Task(
         "the parent directory kept disappearing during the upload".into(),
     ))
-}
-
-/// One error for each waiting upload (io::Error is not Clone).
-fn copy_error(e: &StoreError) -> StoreError {
-    match e {
-        StoreError::DiskFull => StoreError::DiskFull,
-        StoreError::ParentNotDir => StoreError::ParentNotDir,
-        StoreError::NotAFile => StoreError::NotAFile,
-        StoreError::Io(io) => StoreError::Io(std::io::Error::new(io.kind(), io.to_string())),
-    }
 }

@@ -58,6 +58,18 @@ pub enum StoreError {
     Io(io::Error),
 }
 
+impl StoreError {
+    /// The same error again, for each of several waiters (io::Error is not Clone).
+    pub fn copy(&self) -> StoreError {
+        match self {
+            StoreError::DiskFull => StoreError::DiskFull,
+            StoreError::ParentNotDir => StoreError::ParentNotDir,
+            StoreError::NotAFile => StoreError::NotAFile,
+            StoreError::Io(e) => StoreError::Io(io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+}
+
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
         match e.raw_os_error() {
@@ -108,6 +120,15 @@ fn open_dir_at(dir: BorrowedFd<'_>, path: &str) -> rustix::io::Result<OwnedFd> {
         OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
         Mode::empty(),
         beneath(),
+    )
+}
+
+/// Errors of a lookup that mean "no such stored file" (absent, below a
+/// file, through a symlink, outside the root, or too long).
+fn is_missing(e: Errno) -> bool {
+    matches!(
+        e,
+        Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::NAMETOOLONG
     )
 }
 
@@ -184,21 +205,25 @@ impl Store {
         })
     }
 
-    /// Open a stored file for reading: None when the name is not a regular
-    /// file reached without symbolic links.
-    pub fn open_file(&self, name: &str) -> Result<Option<(File, Stat)>, StoreError> {
-        let fd = match openat2(
+    /// `openat2` of a stored name for reading, beneath the root without
+    /// symlinks, plus `extra` resolve flags.
+    fn open_for_read(&self, name: &str, extra: ResolveFlags) -> rustix::io::Result<OwnedFd> {
+        openat2(
             &self.root_dir,
             name,
             // NONBLOCK: opening a FIFO someone left in the directory must not hang.
             OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
             Mode::empty(),
-            beneath(),
-        ) {
+            beneath() | extra,
+        )
+    }
+
+    /// Open a stored file for reading: None when the name is not a regular
+    /// file reached without symbolic links.
+    pub fn open_file(&self, name: &str) -> Result<Option<(File, Stat)>, StoreError> {
+        let fd = match self.open_for_read(name, ResolveFlags::empty()) {
             Ok(fd) => fd,
-            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::NAMETOOLONG) => {
-                return Ok(None)
-            }
+            Err(e) if is_missing(e) => return Ok(None),
             Err(e) => return Err(e.into()),
         };
         let stat = rustix::fs::fstat(&fd)?;
@@ -229,17 +254,9 @@ impl Store {
     /// serve from its caches only (RESOLVE_CACHED, RWF_NOWAIT). Anything
     /// else, errors included, is `WouldBlock`, to be retried with `open_read`.
     pub fn open_cached(&self, name: &str, read_up_to: u64) -> Cached {
-        let fd = match openat2(
-            &self.root_dir,
-            name,
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
-            Mode::empty(),
-            beneath() | ResolveFlags::CACHED,
-        ) {
+        let fd = match self.open_for_read(name, ResolveFlags::CACHED) {
             Ok(fd) => fd,
-            Err(Errno::NOENT | Errno::NOTDIR | Errno::LOOP | Errno::XDEV | Errno::NAMETOOLONG) => {
-                return Cached::Missing
-            }
+            Err(e) if is_missing(e) => return Cached::Missing,
             Err(_) => return Cached::WouldBlock,
         };
         let Ok(stat) = rustix::fs::fstat(&fd) else {
@@ -494,7 +511,7 @@ impl Drop for TempFile {
     }
 }
 
-type SyncReply = tokio::sync::oneshot::Sender<Result<(), Arc<StoreError>>>;
+type SyncReply = tokio::sync::oneshot::Sender<Result<(), StoreError>>;
 
 /// Group sync: callers that ask while a `syncfs` is running wait for the
 /// next one, which then serves all of them. A caller is answered only by a
@@ -516,11 +533,11 @@ impl Syncer {
                 }
                 let s = store.clone();
                 let result = match tokio::task::spawn_blocking(move || s.sync()).await {
-                    Ok(r) => r.map_err(Arc::new),
-                    Err(e) => Err(Arc::new(StoreError::Io(io::Error::other(e)))),
+                    Ok(r) => r,
+                    Err(e) => Err(StoreError::Io(io::Error::other(e))),
                 };
                 for w in waiters {
-                    let _ = w.send(result.clone());
+                    let _ = w.send(result.as_ref().map_err(StoreError::copy).copied());
                 }
             }
         });
@@ -532,13 +549,7 @@ impl Syncer {
         let (reply, rx) = tokio::sync::oneshot::channel();
         let gone = || StoreError::Io(io::Error::other("the sync task has stopped"));
         self.tx.send(reply).map_err(|_| gone())?;
-        match rx.await.map_err(|_| gone())? {
-            Ok(()) => Ok(()),
-            Err(e) => Err(match &*e {
-                StoreError::DiskFull => StoreError::DiskFull,
-                other => StoreError::Io(io::Error::other(other.to_string())),
-            }),
-        }
+        rx.await.map_err(|_| gone())?
     }
 }
 
