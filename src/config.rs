@@ -50,6 +50,9 @@ pub struct Cli {
     /// Largest request head (request line and headers) in bytes; larger gets 431.
     #[arg(long, default_value = "16K", value_parser = parse_size)]
     pub max_header_size: u64,
+    /// Memory for copies of small, often read files (bytes or K/M/G); 0 turns it off.
+    #[arg(long, default_value = "32M", value_parser = parse_size)]
+    pub cache_size: u64,
     /// Most connections served at once; further ones wait to be accepted.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
@@ -95,6 +98,7 @@ pub struct Config {
     pub header_timeout: Duration,
     pub max_size: Option<u64>,
     pub max_header_size: usize,
+    pub cache_size: u64,
     pub max_connections: usize,
     pub token: Option<String>,
     pub connect_timeout: Duration,
@@ -186,6 +190,7 @@ impl Cli {
             header_timeout: self.header_timeout,
             max_size: self.max_size,
             max_header_size: usize::try_from(self.max_header_size).unwrap_or(usize::MAX),
+            cache_size: self.cache_size,
             max_connections: self.max_connections,
             token,
             connect_timeout: self.connect_timeout,

@@ -8,6 +8,7 @@
 //! neighbours), `error` (errors → status codes).
 
 pub mod api;
+pub mod cache;
 pub mod config;
 pub mod error;
 pub mod ingest;

@@ -964,3 +964,125 @@ fn max_size_suffixes_are_powers_of_1024() {
     assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
     node.assert_tmp_empty_soon("after 413");
 }
+
+/// Small stored files are kept in memory once read (`--cache-size`); the
+/// answers must be the same as from disk, and a deletion must end them at
+/// once. Run with the cache on (default) and off.
+#[test]
+fn a_file_read_often_answers_alike_and_is_gone_right_after_its_deletion() {
+    for flags in [&[][..], &["--cache-size", "0"][..]] {
+        let node = Node::start(flags);
+        let body = b"0123456789 read again and again\n";
+        let loc = node.put_ok("/hot/page.html", body);
+        let first = node.get(&loc);
+        assert_eq!(first.status, 200, "{flags:?}: {}", first.describe());
+        for _ in 0..5 {
+            let again = node.get(&loc);
+            assert_eq!(again.status, 200, "{flags:?}: {}", again.describe());
+            assert_eq!(again.body, body, "{flags:?}: same bytes every time");
+            for h in [
+                "etag",
+                "last-modified",
+                "content-type",
+                "content-length",
+                "x-content-sha1",
+                "content-security-policy",
+                "x-content-type-options",
+                "cache-control",
+            ] {
+                assert_eq!(again.header(h), first.header(h), "{flags:?}: header {h}");
+            }
+        }
+        let etag = first.header("etag").expect("ETag");
+        let r = node.req("GET", &loc, &[("If-None-Match", &etag)], b"");
+        assert_eq!(r.status, 304, "{flags:?}: {}", r.describe());
+        let r = node.req("GET", &loc, &[("Range", "bytes=2-4")], b"");
+        assert_eq!(r.status, 206, "{flags:?}: {}", r.describe());
+        assert_eq!(r.body, b"234", "{flags:?}");
+        let r = node.head(&loc);
+        assert_eq!(r.status, 200, "{flags:?}: {}", r.describe());
+        assert_eq!(r.header("content-length").as_deref(), Some("32"));
+
+        let r = node.delete(&loc);
+        assert_eq!(r.status, 200, "{flags:?}: {}", r.describe());
+        assert_eq!(
+            node.get(&loc).status,
+            404,
+            "{flags:?}: GET right after DELETE"
+        );
+        assert_eq!(
+            node.head(&loc).status,
+            404,
+            "{flags:?}: HEAD right after DELETE"
+        );
+    }
+}
+
+/// Readers hammering a file while it is deleted: once DELETE has answered,
+/// no GET may find the file, whatever the readers were doing meanwhile.
+#[test]
+fn reads_racing_a_deletion_never_outlive_it() {
+    let node = Node::start(&[]);
+    let port = node.port();
+    for round in 0..20 {
+        let loc = node.put_ok(
+            &format!("/race/{round}.txt"),
+            format!("round {round}").as_bytes(),
+        );
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let readers: Vec<_> = (0..3)
+            .map(|_| {
+                let (stop, loc) = (stop.clone(), loc.clone());
+                std::thread::spawn(move || {
+                    let mut conn = Conn::open(port);
+                    let request = format!("GET {loc} HTTP/1.1\r\nHost: x\r\n\r\n");
+                    let mut seen = 0u32;
+                    while !stop.load(std::sync::atomic::Ordering::SeqCst) && seen < 10_000 {
+                        conn.send(request.as_bytes()).expect("send GET");
+                        let r = conn.read_response(false).expect("GET answer");
+                        assert!(r.status == 200 || r.status == 404, "{}", r.describe());
+                        seen += 1;
+                    }
+                })
+            })
+            .collect();
+        // Let the readers get going (and the file into memory) first.
+        assert_eq!(node.get(&loc).status, 200);
+        let r = node.delete(&loc);
+        assert_eq!(r.status, 200, "round {round}: {}", r.describe());
+        for _ in 0..20 {
+            let r = node.get(&loc);
+            assert_eq!(
+                r.status,
+                404,
+                "round {round}: GET after DELETE answered: {}",
+                r.describe()
+            );
+        }
+        stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for r in readers {
+            r.join().expect("reader");
+        }
+        assert_eq!(
+            node.get(&loc).status,
+            404,
+            "round {round}: after the readers stopped"
+        );
+    }
+}
+
+/// A file an operator put into the storage directory by hand (not in
+/// stored form) may be changed by hand too: it is read from disk each time.
+#[test]
+fn a_file_put_there_by_hand_is_read_from_disk_each_time() {
+    let node = Node::start(&[]);
+    let path = node.storage().join("manual.txt");
+    fs::write(&path, b"first").expect("write by hand");
+    for _ in 0..3 {
+        assert_eq!(node.get("/manual.txt").body, b"first");
+    }
+    fs::write(&path, b"second version").expect("rewrite by hand");
+    assert_eq!(node.get("/manual.txt").body, b"second version");
+    fs::remove_file(&path).expect("remove by hand");
+    assert_eq!(node.get("/manual.txt").status, 404);
+}

@@ -3,7 +3,8 @@
 //! headers, receiving upload bodies, and the order of DELETE's durability
 //! steps (PUT's are in `ingest`). It never touches the disk or the database
 //! directly; it calls `store` (on blocking threads, or cache-only on the
-//! async thread), `state` and `ingest`.
+//! async thread), `cache` (copies of small files read often), `state` and
+//! `ingest`.
 
 pub mod precondition;
 pub mod range;
@@ -22,6 +23,7 @@ use http_body_util::{BodyExt, Empty, Full, StreamBody};
 use hyper::body::{Frame, Incoming};
 use sha1::{Digest, Sha1};
 
+use crate::cache::{FileCache, Weighted};
 use crate::config::{Config, VERSION};
 use crate::error::Error;
 use crate::ingest::{Content, Ingest, Outcome};
@@ -52,6 +54,7 @@ pub struct Api {
     token_hash: Option<[u8; 20]>,
     stats: Stats,
     server_header: HeaderValue,
+    cache: Arc<FileCache<Arc<Hot>>>,
 }
 
 impl Api {
@@ -65,6 +68,7 @@ impl Api {
     ) -> Api {
         let token_hash = config.token.as_deref().map(sha1_of);
         Api {
+            cache: Arc::new(FileCache::new(config.cache_size)),
             syncer: Syncer::start(store.clone()),
             ingest,
             store,
@@ -164,6 +168,16 @@ impl Api {
 
     async fn get(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
         let want_body = req.method() == Method::GET;
+        if let Some(hot) = self.cache.get(name) {
+            return Ok(file_response(
+                &hot.meta,
+                Source::Bytes(hot.bytes.clone()),
+                req,
+            ));
+        }
+        // Taken before the file is opened: a deletion from here on keeps
+        // this read's copy out of the cache.
+        let ticket = self.cache.ticket();
         let read_up_to = if want_body { SMALL_FILE } else { 0 };
         // Served from the page cache without leaving this thread when it
         // can be; otherwise one blocking call opens and reads.
@@ -178,105 +192,24 @@ impl Api {
         let Some(Opened { file, stat, small }) = opened else {
             return Err(Error::NotFound);
         };
-        let small = small.map(Bytes::from);
-        let len = small
-            .as_ref()
-            .map_or(u64::try_from(stat.st_size).unwrap_or(0), |b| b.len() as u64);
-        // The upload time in the stored name, the same on every node; the
-        // file's own time (clamped to what HTTP dates can say) otherwise.
-        let secs = name::stored_secs(name).unwrap_or_else(|| {
-            u64::try_from(stat.st_mtime)
-                .unwrap_or(0)
-                .min(name::MAX_HTTP_SECS)
-        });
-        let mtime = UNIX_EPOCH + Duration::from_secs(secs);
-        let sha1 = name::content_sha1(name);
-        let etag = sha1.as_ref().map(|s| format!("\"{s}\""));
-
-        // Sized for every header a file response gets: no regrowth per request.
-        let mut headers = HeaderMap::with_capacity(16);
-        headers.insert(
-            header::X_CONTENT_TYPE_OPTIONS,
-            HeaderValue::from_static("nosniff"),
-        );
-        if let Some(etag) = &etag {
-            headers.insert(header::ETAG, hv(etag));
-        }
-        headers.insert(
-            header::CACHE_CONTROL,
-            HeaderValue::from_static(CACHE_CONTROL),
-        );
-        headers.insert(header::LAST_MODIFIED, hv(&httpdate::fmt_http_date(mtime)));
-
-        if not_modified(req.headers(), etag.as_deref(), mtime) {
-            let mut resp = Response::new(empty());
-            *resp.status_mut() = StatusCode::NOT_MODIFIED;
-            *resp.headers_mut() = headers;
-            return Ok(resp);
-        }
-
-        let ext = name::split_ext(name).1.trim_start_matches('.');
-        // The static table entry: no parsing, no allocation per request.
-        let mime = mime_guess::from_ext(ext)
-            .first_raw()
-            .unwrap_or("application/octet-stream");
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(mime));
-        if is_active_content(mime) {
-            // Opened directly, an uploaded page or image must not run script
-            // with the linking application's origin.
-            headers.insert(
-                header::CONTENT_SECURITY_POLICY,
-                HeaderValue::from_static("sandbox"),
-            );
-        }
-        if let Some(sha1) = &sha1 {
-            headers.insert(X_CONTENT_SHA1.clone(), hv(sha1));
-        }
-        headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
-
-        let mut status = StatusCode::OK;
-        let (mut start, mut end) = (0, len.saturating_sub(1));
-        if let Some(range) = req
-            .headers()
-            .get(header::RANGE)
-            .and_then(|v| v.to_str().ok())
-        {
-            if want_body && if_range_allows(req.headers(), etag.as_deref(), mtime) {
-                match range::evaluate(range, len) {
-                    range::RangeAnswer::Full => {}
-                    range::RangeAnswer::Partial { start: s, end: e } => {
-                        status = StatusCode::PARTIAL_CONTENT;
-                        (start, end) = (s, e);
-                        headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {s}-{e}/{len}")));
-                    }
-                    range::RangeAnswer::Unsatisfiable => {
-                        let mut resp = text(
-                            StatusCode::RANGE_NOT_SATISFIABLE,
-                            "the range is outside the file",
-                        );
-                        resp.headers_mut()
-                            .insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
-                        return Ok(resp);
-                    }
-                }
-            }
-        }
-        let count = if len == 0 { 0 } else { end - start + 1 };
-        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
-        let body = match small {
-            Some(bytes) => {
-                let (s, e) = (start as usize, (start + count) as usize);
-                Full::new(bytes.slice(s..e))
-                    .map_err(|never| match never {})
-                    .boxed()
-            }
-            None if want_body => file_body(file, start, count),
-            None => empty(),
+        let Some(small) = small else {
+            let meta = FileMeta::new(name, &stat, u64::try_from(stat.st_size).unwrap_or(0));
+            return Ok(file_response(&meta, Source::File(file), req));
         };
-        let mut resp = Response::new(body);
-        *resp.status_mut() = status;
-        *resp.headers_mut() = headers;
-        Ok(resp)
+        let bytes = Bytes::from(small);
+        let meta = FileMeta::new(name, &stat, bytes.len() as u64);
+        if meta.etag.is_none() {
+            // Not in stored form (put there by hand): it might change, so
+            // it is read from disk every time.
+            return Ok(file_response(&meta, Source::Bytes(bytes), req));
+        }
+        let hot = Arc::new(Hot { meta, bytes });
+        self.cache.admit(name, ticket, hot.clone());
+        Ok(file_response(
+            &hot.meta,
+            Source::Bytes(hot.bytes.clone()),
+            req,
+        ))
     }
 
     async fn put(&self, name: String, req: Request<Incoming>) -> Result<Response<Body>, Error> {
@@ -426,11 +359,12 @@ impl Api {
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
-        let (locks, state, store, syncer) = (
+        let (locks, state, store, syncer, cache) = (
             self.locks.clone(),
             self.state.clone(),
             self.store.clone(),
             self.syncer.clone(),
+            self.cache.clone(),
         );
         let n = name.to_string();
         // Runs to its end even if the client goes away, like an upload.
@@ -438,7 +372,10 @@ impl Api {
             let _guard = locks.lock(&n).await;
             let record = state.delete(&n).await?;
             let (s, n2) = (store.clone(), n.clone());
-            let existed = blocking(move || s.remove(&n2)).await??;
+            let removed = blocking(move || s.remove(&n2)).await;
+            // After the unlink, whatever came of it: no copy may outlive the file.
+            cache.forget(&n);
+            let existed = removed??;
             if record == DeleteRecord::New {
                 // Until the unlink is durable, start-up must be able to redo it.
                 syncer.sync().await?;
@@ -492,6 +429,159 @@ impl Api {
 }
 
 /// Bytes of the request line and headers as they came over the wire.
+/// What a file response says about the file, wherever its bytes come from.
+struct FileMeta {
+    len: u64,
+    mtime: SystemTime,
+    /// `"<sha1>"` and the bare SHA1, for names in stored form only.
+    etag: Option<HeaderValue>,
+    sha1: Option<HeaderValue>,
+    last_modified: HeaderValue,
+    mime: &'static str,
+}
+
+impl FileMeta {
+    fn new(name: &str, stat: &rustix::fs::Stat, len: u64) -> FileMeta {
+        let stored = name::split_stored(name);
+        // The upload time in the stored name, the same on every node; the
+        // file's own time (clamped to what HTTP dates can say) otherwise.
+        let secs = stored
+            .as_ref()
+            .and_then(|p| p.secs.parse::<u64>().ok())
+            .filter(|s| *s <= name::MAX_HTTP_SECS)
+            .unwrap_or_else(|| {
+                u64::try_from(stat.st_mtime)
+                    .unwrap_or(0)
+                    .min(name::MAX_HTTP_SECS)
+            });
+        let mtime = UNIX_EPOCH + Duration::from_secs(secs);
+        let sha1 = stored.map(|p| p.sha1.to_ascii_lowercase());
+        let ext = name::split_ext(name).1.trim_start_matches('.');
+        FileMeta {
+            len,
+            mtime,
+            etag: sha1.as_ref().map(|s| hv(&format!("\"{s}\""))),
+            sha1: sha1.as_deref().map(hv),
+            last_modified: hv(&httpdate::fmt_http_date(mtime)),
+            // The static table entry: no parsing, no allocation per request.
+            mime: mime_guess::from_ext(ext)
+                .first_raw()
+                .unwrap_or("application/octet-stream"),
+        }
+    }
+
+    fn etag(&self) -> Option<&str> {
+        self.etag.as_ref().and_then(|v| v.to_str().ok())
+    }
+}
+
+/// A small stored file kept in memory (`cache`), with its response facts.
+pub struct Hot {
+    meta: FileMeta,
+    bytes: Bytes,
+}
+
+impl Weighted for Arc<Hot> {
+    fn weight(&self) -> u64 {
+        // The header values are short strings of their own.
+        self.bytes.len() as u64 + 160
+    }
+}
+
+/// Where a file response's body comes from.
+enum Source {
+    /// The whole file, read already.
+    Bytes(Bytes),
+    /// Open, to be streamed.
+    File(std::fs::File),
+}
+
+/// The answer to GET or HEAD of a file: headers from `meta`, conditional
+/// requests and ranges applied.
+fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Response<Body> {
+    let want_body = req.method() == Method::GET;
+    let (len, mtime, etag) = (meta.len, meta.mtime, meta.etag());
+    // Sized for every header a file response gets: no regrowth per request.
+    let mut headers = HeaderMap::with_capacity(16);
+    headers.insert(
+        header::X_CONTENT_TYPE_OPTIONS,
+        HeaderValue::from_static("nosniff"),
+    );
+    if let Some(etag) = &meta.etag {
+        headers.insert(header::ETAG, etag.clone());
+    }
+    headers.insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(CACHE_CONTROL),
+    );
+    headers.insert(header::LAST_MODIFIED, meta.last_modified.clone());
+
+    if not_modified(req.headers(), etag, mtime) {
+        let mut resp = Response::new(empty());
+        *resp.status_mut() = StatusCode::NOT_MODIFIED;
+        *resp.headers_mut() = headers;
+        return resp;
+    }
+
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(meta.mime));
+    if is_active_content(meta.mime) {
+        // Opened directly, an uploaded page or image must not run script
+        // with the linking application's origin.
+        headers.insert(
+            header::CONTENT_SECURITY_POLICY,
+            HeaderValue::from_static("sandbox"),
+        );
+    }
+    if let Some(sha1) = &meta.sha1 {
+        headers.insert(X_CONTENT_SHA1.clone(), sha1.clone());
+    }
+    headers.insert(header::ACCEPT_RANGES, HeaderValue::from_static("bytes"));
+
+    let mut status = StatusCode::OK;
+    let (mut start, mut end) = (0, len.saturating_sub(1));
+    if let Some(range) = req
+        .headers()
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+    {
+        if want_body && if_range_allows(req.headers(), etag, mtime) {
+            match range::evaluate(range, len) {
+                range::RangeAnswer::Full => {}
+                range::RangeAnswer::Partial { start: s, end: e } => {
+                    status = StatusCode::PARTIAL_CONTENT;
+                    (start, end) = (s, e);
+                    headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {s}-{e}/{len}")));
+                }
+                range::RangeAnswer::Unsatisfiable => {
+                    let mut resp = text(
+                        StatusCode::RANGE_NOT_SATISFIABLE,
+                        "the range is outside the file",
+                    );
+                    resp.headers_mut()
+                        .insert(header::CONTENT_RANGE, hv(&format!("bytes */{len}")));
+                    return resp;
+                }
+            }
+        }
+    }
+    let count = if len == 0 { 0 } else { end - start + 1 };
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(count));
+    let body = match source {
+        _ if !want_body => empty(),
+        Source::Bytes(bytes) => {
+            let (s, e) = (start as usize, (start + count) as usize);
+            Full::new(bytes.slice(s..e))
+                .map_err(|never| match never {})
+                .boxed()
+        }
+        Source::File(file) => file_body(file, start, count),
+    };
+    let mut resp = Response::new(body);
+    *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
 fn head_size<B>(req: &Request<B>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
