@@ -7,13 +7,22 @@ use std::time::Duration;
 
 use clap::Parser;
 
+use crate::bench::BenchConfig;
+
 /// The server's version, sent in `Server` and `User-Agent`.
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");
 
 /// A replicating file server: every node keeps every file.
 #[derive(Debug, Parser)]
-#[command(name = "cockatiel", version, about)]
+#[command(
+    name = "cockatiel",
+    version,
+    about,
+    args_conflicts_with_subcommands = true
+)]
 pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
     /// Port to listen on.
     #[arg(short = 'p', long, default_value_t = 8080)]
     pub port: u16,
@@ -82,6 +91,94 @@ pub struct Cli {
     pub shutdown_timeout: Duration,
 }
 
+/// What else the binary can do besides running a node.
+#[derive(Debug, clap::Subcommand)]
+pub enum Command {
+    /// Load-test running nodes: upload files, read them back, delete them,
+    /// and print rates and latencies (nothing else is touched).
+    Bench(BenchArgs),
+}
+
+/// Flags of `cockatiel bench`.
+#[derive(Debug, clap::Args)]
+pub struct BenchArgs {
+    /// A node to send requests to; repeat for a cluster (requests go to each in turn).
+    #[arg(long = "url", default_value = "http://127.0.0.1:8080")]
+    pub urls: Vec<String>,
+    /// Files to upload.
+    #[arg(long, default_value_t = 1000)]
+    pub files: usize,
+    /// Size of each file (bytes, or with a K/M/G suffix).
+    #[arg(long, default_value = "4K", value_parser = parse_size)]
+    pub size: u64,
+    /// Requests in flight.
+    #[arg(short = 'c', long, default_value_t = 32)]
+    pub concurrency: usize,
+    /// Seconds the GET phase runs.
+    #[arg(long, default_value = "10", value_parser = parse_seconds)]
+    pub duration: Duration,
+    /// Longest wait, in seconds, for replication to empty every queue.
+    #[arg(long, default_value = "120", value_parser = parse_seconds)]
+    pub wait: Duration,
+    /// Bearer token for PUT and DELETE (also COCKATIEL_TOKEN).
+    #[arg(long, env = "COCKATIEL_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// Directory the files go to (default: bench-<unix time>-<pid>).
+    #[arg(long)]
+    pub prefix: Option<String>,
+    /// Leave the files in place instead of deleting them at the end.
+    #[arg(long)]
+    pub keep: bool,
+}
+
+/// Largest file `cockatiel bench` uploads: it holds each body in memory.
+const MAX_BENCH_SIZE: u64 = 256 << 20;
+
+impl BenchArgs {
+    /// Check the flags and derive what the load generator does.
+    pub fn into_config(self) -> Result<BenchConfig, ConfigError> {
+        let mut urls = Vec::new();
+        for url in &self.urls {
+            let url = normalize_url(url)?;
+            if !url.starts_with("http://") {
+                return Err(ConfigError::NotHttp(url));
+            }
+            urls.push(url);
+        }
+        if self.files == 0 {
+            return Err(ConfigError::Zero("files"));
+        }
+        if self.concurrency == 0 || self.concurrency > 4096 {
+            return Err(ConfigError::Bench("--concurrency must be 1 to 4096".into()));
+        }
+        if self.size > MAX_BENCH_SIZE {
+            return Err(ConfigError::Bench("--size must be at most 256M".into()));
+        }
+        let prefix = self.prefix.unwrap_or_else(|| {
+            format!("bench-{}-{}", crate::state::unix_now(), std::process::id())
+        });
+        let probe = format!("{prefix}/{}.bin", self.files);
+        crate::name::check(&probe, crate::name::Purpose::Put)
+            .map_err(|e| ConfigError::Bench(format!("--prefix {prefix:?}: {e}")))?;
+        if prefix.contains(['%', '?', '#', ' ']) {
+            return Err(ConfigError::Bench(format!(
+                "--prefix {prefix:?}: use letters, digits, -, _, . and /"
+            )));
+        }
+        Ok(BenchConfig {
+            urls,
+            files: self.files,
+            size: usize::try_from(self.size).unwrap_or(usize::MAX),
+            concurrency: self.concurrency,
+            duration: self.duration,
+            wait: self.wait,
+            token: self.token.map(|t| t.trim().to_string()),
+            prefix,
+            keep: self.keep,
+        })
+    }
+}
+
 /// Validated settings the node runs with.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -125,6 +222,8 @@ pub enum ConfigError {
     Zero(&'static str),
     #[error("--max-header-size must be at least 1K")]
     HeaderSize,
+    #[error("{0}")]
+    Bench(String),
 }
 
 impl Cli {

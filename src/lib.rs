@@ -5,9 +5,11 @@
 //! Module map: `config` (command line), `name` (stored-name rules),
 //! `store` (files on disk), `state` (the database), `api` (HTTP),
 //! `ingest` (making uploads durable in batches), `replicate` (sending to
-//! neighbours), `error` (errors → status codes).
+//! neighbours), `cache` (small files in memory), `error` (errors → status
+//! codes), `bench` (the `cockatiel bench` load generator).
 
 pub mod api;
+pub mod bench;
 pub mod cache;
 pub mod config;
 pub mod error;

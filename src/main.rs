@@ -1,12 +1,13 @@
-//! The command line: parse flags, set up logging, run the node.
+//! The command line: parse flags, set up logging, run the node (or the
+//! `bench` load generator).
 
 use std::process::ExitCode;
 
 use clap::Parser;
-use cockatiel::config::Cli;
+use cockatiel::config::{BenchArgs, Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let mut cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => {
             // --help and --version
@@ -20,6 +21,9 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    if let Some(Command::Bench(args)) = cli.command.take() {
+        return bench(args);
+    }
     let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => {
@@ -57,6 +61,49 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("cockatiel: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// `cockatiel bench`: run the load generator, print its figures; exit 1
+/// when any request failed.
+fn bench(args: BenchArgs) -> ExitCode {
+    let config = match args.into_config() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cockatiel bench: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cockatiel bench: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "cockatiel bench: {} files of {} bytes, {} in flight, against {}",
+        config.files,
+        config.size,
+        config.concurrency,
+        config.urls.join(" ")
+    );
+    match runtime.block_on(cockatiel::bench::run(config)) {
+        Ok(report) => {
+            print!("{report}");
+            if report.errors() > 0 {
+                eprintln!("cockatiel bench: {} requests failed", report.errors());
+                return ExitCode::FAILURE;
+            }
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("cockatiel bench: {e}");
             ExitCode::FAILURE
         }
     }
