@@ -63,7 +63,11 @@ fn run(root: &Path, threads: usize, secs: f64, size: usize, shared: bool) -> std
                 result = rustix::fs::syncfs(&dir).map_err(std::io::Error::from);
                 if let Ok(mut done) = flushes.done.lock() {
                     // After a failure, release every waiter for good.
-                    *done = if result.is_ok() { *done + 1 } else { u64::MAX / 2 };
+                    *done = if result.is_ok() {
+                        *done + 1
+                    } else {
+                        u64::MAX / 2
+                    };
                 }
                 flushes.cv.notify_all();
             }
