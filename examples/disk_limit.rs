@@ -1,11 +1,11 @@
-//! The file-system floor of a durable small upload, without HTTP or a
+//! How many small uploads per second the disk allows durably, without HTTP or a
 //! database: THREADS threads each repeat the steps SPEC promises before a
 //! 201 (write a temporary file, fsync it, rename it into place, fsync the
 //! directory) for SECONDS seconds, and the files per second are printed as
 //! one JSON line. `bench/run.py` runs it on a fresh file system next to the
 //! reference harness, so put_small can be compared with what the disk allows.
 //!
-//!     cargo run --release --example fsync_floor -- DIR [THREADS] [SECONDS] [SIZE]
+//!     cargo run --release --example disk_limit -- DIR [THREADS] [SECONDS] [SIZE]
 //!
 //! Two ways of flushing are measured: `per_file` (each thread its own
 //! fdatasync and directory fsync, which the kernel's journal batches) and
@@ -131,7 +131,7 @@ fn run(root: &Path, threads: usize, secs: f64, size: usize, shared: bool) -> std
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let Some(dir) = args.first().map(PathBuf::from) else {
-        eprintln!("usage: fsync_floor DIR [THREADS] [SECONDS] [SIZE]");
+        eprintln!("usage: disk_limit DIR [THREADS] [SECONDS] [SIZE]");
         std::process::exit(2);
     };
     let threads = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(32);
@@ -143,7 +143,7 @@ fn main() {
         match run(&root, threads, secs, size, shared) {
             Ok(rate) => out.push(format!("\"{label}\": {rate:.0}")),
             Err(e) => {
-                eprintln!("fsync_floor {label}: {e}");
+                eprintln!("disk_limit {label}: {e}");
                 std::process::exit(1);
             }
         }
