@@ -37,7 +37,7 @@ pub enum BenchError {
     Client(#[from] reqwest::Error),
     #[error("no upload succeeded (first error: {0})")]
     NothingStored(String),
-    #[error("replication did not finish within {0:?}: {1}")]
+    #[error("replication did not finish within {0:.0?}: {1}")]
     NotReplicated(Duration, String),
 }
 
@@ -103,11 +103,14 @@ pub struct Report {
     pub phases: Vec<Phase>,
     /// Lines about replication: how long until every node had everything.
     pub notes: Vec<String>,
+    /// What went wrong beyond single requests (replication that did not finish).
+    pub failures: Vec<String>,
 }
 
 impl Report {
+    /// Failed requests and other failures.
     pub fn errors(&self) -> usize {
-        self.phases.iter().map(|p| p.errors).sum()
+        self.phases.iter().map(|p| p.errors).sum::<usize>() + self.failures.len()
     }
 }
 
@@ -119,15 +122,40 @@ impl fmt::Display for Report {
         for n in &self.notes {
             writeln!(f, "{n}")?;
         }
+        for e in &self.failures {
+            writeln!(f, "FAILED: {e}")?;
+        }
         Ok(())
     }
 }
 
-/// One request's outcome: bytes moved, or why it failed.
-type Outcome = Result<u64, String>;
+/// One request's outcome: bytes moved, or why it failed, and how long the
+/// request itself took (the client's own work, making and checking bodies,
+/// is left out).
+struct Outcome {
+    result: Result<u64, String>,
+    latency: Duration,
+}
+
+impl Outcome {
+    fn ok(bytes: u64, since: Instant) -> Outcome {
+        Outcome {
+            result: Ok(bytes),
+            latency: since.elapsed(),
+        }
+    }
+
+    fn failed(why: String, since: Instant) -> Outcome {
+        Outcome {
+            result: Err(why),
+            latency: since.elapsed(),
+        }
+    }
+}
 
 /// Run `job(i)` for i in 0..count (or, with a deadline, for ever-growing i
-/// until it passes) from `concurrency` workers, timing each call.
+/// until it passes) from `concurrency` workers. Rates and latencies count
+/// the requests that succeeded; failures are counted apart.
 async fn drive<F, Fut>(
     name: &'static str,
     concurrency: usize,
@@ -156,11 +184,13 @@ where
                     if count.is_some_and(|c| i >= c) {
                         break;
                     }
-                    let t0 = Instant::now();
                     let outcome = job(i).await;
-                    lat.push(u32::try_from(t0.elapsed().as_micros()).unwrap_or(u32::MAX));
-                    match outcome {
-                        Ok(n) => bytes += n,
+                    match outcome.result {
+                        Ok(n) => {
+                            bytes += n;
+                            let micros = outcome.latency.as_micros();
+                            lat.push(u32::try_from(micros).unwrap_or(u32::MAX));
+                        }
                         Err(e) => {
                             errors += 1;
                             if let Ok(mut first) = first_error.lock() {
@@ -236,9 +266,10 @@ fn hex(bytes: &[u8]) -> String {
 }
 
 /// Sum of the queue lengths a node reports in `/_status`.
-async fn queued(client: &reqwest::Client, url: &str) -> Result<u64, String> {
+async fn queued(client: &reqwest::Client, url: &str, nodes: &[String]) -> Result<u64, String> {
     let resp = client
         .get(format!("{url}/_status"))
+        .timeout(Duration::from_secs(5))
         .send()
         .await
         .map_err(|e| format!("{url}: {}", why(&e)))?;
@@ -248,12 +279,29 @@ async fn queued(client: &reqwest::Client, url: &str) -> Result<u64, String> {
         .map_err(|e| format!("{url}: {}", why(&e)))?;
     let status: serde_json::Value =
         serde_json::from_slice(&body).map_err(|e| format!("{url}/_status: {e}"))?;
-    Ok(status["queues"]
-        .as_object()
-        .map_or(0, |q| q.values().filter_map(|v| v["length"].as_u64()).sum()))
+    let Some(queues) = status["queues"].as_object() else {
+        return Ok(0);
+    };
+    Ok(queued_towards(queues, nodes))
 }
 
-/// Poll every node's `/_status` until all queues are empty, within `wait`.
+/// Operations queued towards the nodes under test; towards every neighbour
+/// when none of them is named as given (another spelling of the URLs).
+fn queued_towards(queues: &serde_json::Map<String, serde_json::Value>, nodes: &[String]) -> u64 {
+    let length = |v: &serde_json::Value| v["length"].as_u64().unwrap_or(0);
+    let named: Vec<_> = queues
+        .iter()
+        .filter(|(url, _)| nodes.contains(url))
+        .collect();
+    if named.is_empty() {
+        queues.values().map(length).sum()
+    } else {
+        named.into_iter().map(|(_, v)| length(v)).sum()
+    }
+}
+
+/// Poll every node's `/_status` until its queues towards the others are
+/// empty, within `wait`.
 async fn wait_replicated(
     client: &reqwest::Client,
     urls: &[String],
@@ -263,7 +311,7 @@ async fn wait_replicated(
     loop {
         let mut pending = Vec::new();
         for url in urls {
-            match queued(client, url).await {
+            match queued(client, url, urls).await {
                 Ok(0) => {}
                 Ok(n) => pending.push(format!("{url} has {n} queued")),
                 Err(e) => pending.push(e),
@@ -311,23 +359,33 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
                 if let Some(t) = &cfg.token {
                     req = req.bearer_auth(t);
                 }
-                let resp = req.send().await.map_err(|e| why(&e))?;
+                let t0 = Instant::now();
+                let resp = match req.send().await {
+                    Ok(resp) => resp,
+                    Err(e) => return Outcome::failed(why(&e), t0),
+                };
                 let status = resp.status().as_u16();
-                if status != 201 && status != 302 {
-                    return Err(format!("PUT answered {status}"));
-                }
                 let location = resp
                     .headers()
                     .get("location")
                     .and_then(|v| v.to_str().ok())
-                    .ok_or("PUT answered without Location")?
-                    .to_string();
-                if let Some(slot) = locations.get(i) {
-                    if let Ok(mut slot) = slot.lock() {
-                        *slot = Some(location);
+                    .map(str::to_string);
+                // The whole answer, so the connection can be used again.
+                let answered = resp.bytes().await;
+                let outcome = Outcome::ok(cfg.size as u64, t0);
+                match (status, location, answered) {
+                    (_, _, Err(e)) => Outcome::failed(why(&e), t0),
+                    (201 | 302, Some(location), Ok(_)) => {
+                        if let Some(Ok(mut slot)) = locations.get(i).map(|s| s.lock()) {
+                            *slot = Some(location);
+                        }
+                        outcome
                     }
+                    (201 | 302, None, Ok(_)) => {
+                        Outcome::failed("PUT answered without Location".into(), t0)
+                    }
+                    (s, _, Ok(_)) => Outcome::failed(format!("PUT answered {s}"), t0),
                 }
-                Ok(cfg.size as u64)
             }
         })
         .await
@@ -345,46 +403,60 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
     report.phases.push(put);
 
     if cfg.urls.len() > 1 {
-        wait_replicated(&client, &cfg.urls, cfg.wait).await?;
-        let drained = put_started.elapsed();
-        report.notes.push(format!(
-            "replication: every queue empty {:.2} s after the first PUT ({:.0} files/s to {} nodes)",
-            drained.as_secs_f64(),
-            stored.len() as f64 / drained.as_secs_f64().max(1e-9),
-            cfg.urls.len()
-        ));
+        match wait_replicated(&client, &cfg.urls, cfg.wait).await {
+            Ok(()) => {
+                let drained = put_started.elapsed();
+                report.notes.push(format!(
+                    "replication: every queue empty {:.2} s after the first PUT ({:.0} files/s to {} nodes)",
+                    drained.as_secs_f64(),
+                    stored.len() as f64 / drained.as_secs_f64().max(1e-9),
+                    cfg.urls.len()
+                ));
+            }
+            // Reading from every node would only count missing files; the
+            // files are still deleted below (unless --keep).
+            Err(e) => report.failures.push(e.to_string()),
+        }
     }
 
     // GET: every stored file from every node in turn, bytes checked.
     let stored = Arc::new(stored);
-    let get = {
+    let get = if !report.failures.is_empty() {
+        None
+    } else {
         let (client, cfg, stored) = (client.clone(), cfg.clone(), stored.clone());
         let deadline = Instant::now() + cfg.duration;
-        drive("GET", cfg.concurrency, None, Some(deadline), move |k| {
+        let phase = drive("GET", cfg.concurrency, None, Some(deadline), move |k| {
             let (client, cfg, stored) = (client.clone(), cfg.clone(), stored.clone());
             async move {
                 let (i, location) = &stored[k % stored.len()];
                 // Each round over the files starts at the next node.
                 let url = node(&cfg, k + k / stored.len());
-                let resp = client
-                    .get(format!("{url}{location}"))
-                    .send()
-                    .await
-                    .map_err(|e| why(&e))?;
+                let t0 = Instant::now();
+                let resp = match client.get(format!("{url}{location}")).send().await {
+                    Ok(resp) => resp,
+                    Err(e) => return Outcome::failed(why(&e), t0),
+                };
                 let status = resp.status().as_u16();
+                let got = match resp.bytes().await {
+                    Ok(got) => got,
+                    Err(e) => return Outcome::failed(why(&e), t0),
+                };
+                let outcome = Outcome::ok(got.len() as u64, t0);
                 if status != 200 {
-                    return Err(format!("GET {url}{location} answered {status}"));
+                    return Outcome::failed(format!("GET {url}{location} answered {status}"), t0);
                 }
-                let got = resp.bytes().await.map_err(|e| why(&e))?;
+                // Checked after the clock stopped: the client's work, not the node's.
                 if got != body_of(&cfg.prefix, *i, cfg.size) {
-                    return Err(format!("GET {url}{location}: content differs"));
+                    return Outcome::failed(format!("GET {url}{location}: content differs"), t0);
                 }
-                Ok(got.len() as u64)
+                outcome
             }
         })
-        .await
+        .await;
+        Some(phase)
     };
-    report.phases.push(get);
+    report.phases.extend(get);
 
     if cfg.keep {
         report.notes.push(format!(
@@ -411,10 +483,20 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
                     if let Some(t) = &cfg.token {
                         req = req.bearer_auth(t);
                     }
-                    let status = req.send().await.map_err(|e| why(&e))?.status();
-                    match status.as_u16() {
-                        200 => Ok(0),
-                        s => Err(format!("DELETE answered {s}")),
+                    let t0 = Instant::now();
+                    let status = match req.send().await {
+                        Ok(resp) => {
+                            let status = resp.status().as_u16();
+                            match resp.bytes().await {
+                                Ok(_) => status,
+                                Err(e) => return Outcome::failed(why(&e), t0),
+                            }
+                        }
+                        Err(e) => return Outcome::failed(why(&e), t0),
+                    };
+                    match status {
+                        200 => Outcome::ok(0, t0),
+                        s => Outcome::failed(format!("DELETE answered {s}"), t0),
                     }
                 }
             },
@@ -423,12 +505,14 @@ pub async fn run(cfg: BenchConfig) -> Result<Report, BenchError> {
     };
     let delete_started = Instant::now() - delete.elapsed;
     report.phases.push(delete);
-    if cfg.urls.len() > 1 {
-        wait_replicated(&client, &cfg.urls, cfg.wait).await?;
-        report.notes.push(format!(
-            "deletions: every queue empty {:.2} s after the first DELETE",
-            delete_started.elapsed().as_secs_f64()
-        ));
+    if cfg.urls.len() > 1 && report.failures.is_empty() {
+        match wait_replicated(&client, &cfg.urls, cfg.wait).await {
+            Ok(()) => report.notes.push(format!(
+                "deletions: every queue empty {:.2} s after the first DELETE",
+                delete_started.elapsed().as_secs_f64()
+            )),
+            Err(e) => report.failures.push(e.to_string()),
+        }
     }
     Ok(report)
 }
@@ -446,6 +530,21 @@ mod tests {
         assert_eq!(percentile(&v, 0.0), 1);
         assert_eq!(percentile(&[7], 99.0), 7);
         assert_eq!(percentile(&[], 50.0), 0);
+    }
+
+    #[test]
+    fn replication_is_awaited_towards_the_nodes_under_test() {
+        let queues: serde_json::Map<String, serde_json::Value> = serde_json::from_str(
+            r#"{"http://a:1": {"length": 3}, "http://other:9": {"length": 50}}"#,
+        )
+        .expect("JSON");
+        let nodes = vec!["http://a:1".to_string(), "http://b:2".to_string()];
+        // A neighbour outside the test (say, one that is down) is not waited for.
+        assert_eq!(queued_towards(&queues, &nodes), 3);
+        // Spelled otherwise than the nodes know each other: every queue counts.
+        let other = vec!["http://127.0.0.1:1".to_string()];
+        assert_eq!(queued_towards(&queues, &other), 53);
+        assert_eq!(queued_towards(&serde_json::Map::new(), &nodes), 0);
     }
 
     #[test]

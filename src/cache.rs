@@ -12,9 +12,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use quick_cache::sync::Cache;
 use quick_cache::Weighter;
 
-/// Rough bookkeeping per entry beyond its key and value (table slot,
-/// allocation headers), so that many tiny files cannot exceed the budget.
-const ENTRY_OVERHEAD: u64 = 128;
+/// Bookkeeping per entry beyond its key and value (table slot, queue
+/// entry, allocation headers), rounded up so that many tiny files cannot
+/// exceed the budget.
+const ENTRY_OVERHEAD: u64 = 256;
 
 /// A value's share of the budget, in bytes.
 pub trait Weighted {

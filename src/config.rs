@@ -131,8 +131,9 @@ pub struct BenchArgs {
     pub keep: bool,
 }
 
-/// Largest file `cockatiel bench` uploads: it holds each body in memory.
-const MAX_BENCH_SIZE: u64 = 256 << 20;
+/// Most memory `cockatiel bench` may hold in bodies (each request in
+/// flight holds one, twice while a read is checked).
+const MAX_BENCH_MEMORY: u64 = 1 << 30;
 
 impl BenchArgs {
     /// Check the flags and derive what the load generator does.
@@ -151,8 +152,10 @@ impl BenchArgs {
         if self.concurrency == 0 || self.concurrency > 4096 {
             return Err(ConfigError::Bench("--concurrency must be 1 to 4096".into()));
         }
-        if self.size > MAX_BENCH_SIZE {
-            return Err(ConfigError::Bench("--size must be at most 256M".into()));
+        if self.size.saturating_mul(2 * self.concurrency as u64) > MAX_BENCH_MEMORY {
+            return Err(ConfigError::Bench(
+                "--size × --concurrency must be at most 512M (bodies are held in memory)".into(),
+            ));
         }
         let prefix = self.prefix.unwrap_or_else(|| {
             format!("bench-{}-{}", crate::state::unix_now(), std::process::id())

@@ -86,16 +86,16 @@ fn bench(args: BenchArgs) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    println!(
-        "cockatiel bench: {} files of {} bytes, {} in flight, against {}",
+    say(&format!(
+        "cockatiel bench: {} files of {} bytes, {} in flight, against {}\n",
         config.files,
         config.size,
         config.concurrency,
         config.urls.join(" ")
-    );
+    ));
     match runtime.block_on(cockatiel::bench::run(config)) {
         Ok(report) => {
-            print!("{report}");
+            say(&report.to_string());
             if report.errors() > 0 {
                 eprintln!("cockatiel bench: {} requests failed", report.errors());
                 return ExitCode::FAILURE;
@@ -107,6 +107,13 @@ fn bench(args: BenchArgs) -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// Print to stdout; a reader that went away (`| head`) is not an error.
+fn say(text: &str) {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
 /// Resolves on SIGTERM or SIGINT.

@@ -67,6 +67,8 @@ fn bench_against_a_cluster_reports_each_phase_and_cleans_up() {
         "0.5",
         "--prefix",
         "lg/run1",
+        "--wait",
+        "30",
     ]);
     assert_eq!(code, Some(0), "exit code; stdout:\n{out}\nstderr:\n{err}");
     let put = line(&out, "PUT");
@@ -153,4 +155,32 @@ fn bench_fails_clearly_without_a_node_or_with_bad_flags() {
         .output()
         .expect("run");
     assert_eq!(out.status.code(), Some(2));
+}
+
+#[test]
+fn bench_sends_the_token_a_node_requires() {
+    let node = Node::start(&["--token", "s3cret"]);
+    let url = node.url();
+    let (code, out, err) = bench(&[
+        "--url",
+        &url,
+        "--files",
+        "5",
+        "-c",
+        "2",
+        "--duration",
+        "0.2",
+        "--token",
+        "s3cret",
+    ]);
+    assert_eq!(code, Some(0), "with the token: {out}\n{err}");
+    assert!(
+        node.stored_files().is_empty(),
+        "deleted again: {:?}",
+        node.stored_files()
+    );
+    let (code, out, err) = bench(&["--url", &url, "--files", "5", "-c", "2"]);
+    assert_eq!(code, Some(1), "without the token: {out}\n{err}");
+    assert!(err.contains("PUT answered 401"), "{err}");
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
 }

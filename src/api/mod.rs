@@ -414,6 +414,11 @@ impl Api {
         }
         let body = serde_json::json!({
             "queues": map,
+            "cache": {
+                "files": self.cache.len(),
+                "bytes": self.cache.weight(),
+                "budget": self.config.cache_size,
+            },
             "url": self.config.url,
             "version": VERSION,
         });
@@ -428,7 +433,6 @@ impl Api {
     }
 }
 
-/// Bytes of the request line and headers as they came over the wire.
 /// What a file response says about the file, wherever its bytes come from.
 struct FileMeta {
     len: u64,
@@ -582,6 +586,7 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     resp
 }
 
+/// Bytes of the request line and headers as they came over the wire.
 fn head_size<B>(req: &Request<B>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
