@@ -537,6 +537,42 @@ fn kill9_of_a_sender_with_a_full_queue_loses_nothing() {
     }
 }
 
+/// Uploads acknowledged just before a kill -9 are all still queued for the
+/// neighbour afterwards, each once, and reach it.
+#[test]
+fn kill9_right_after_uploads_keeps_every_upload_queued() {
+    let (pa, pb) = (free_port(), free_port());
+    let mut a = Node::start_on(pa, &node_args(pa, &[pb], None, &[]));
+    let mut b = Node::prepare(pb, &node_args(pb, &[pa], None, &[]));
+    let mut rng = Rng::new(31);
+    let mut stored = Vec::new();
+    for i in 0..40 {
+        let body = rng.bytes(100 + i * 7);
+        stored.push((a.put_ok(&format!("/j/f{i}.bin"), &body), body));
+    }
+    a.kill9();
+    a.restart();
+    assert_eq!(
+        a.queue_len(&b.url()),
+        Some(stored.len() as u64),
+        "every acknowledged upload is queued once after kill -9: {:?}",
+        a.status()
+    );
+    b.restart();
+    wait_queues_empty(
+        &[&a, &b],
+        REPLICATION_BOUND,
+        "after kill -9 right after uploads",
+    );
+    let expected: BTreeSet<String> = stored.iter().map(|(l, _)| rel(l)).collect();
+    assert_file_set(&b, &expected, "B after A's kill -9");
+    assert!(files_with_wrong_sha1(&b).is_empty());
+    // Stopped and started cleanly, A has nothing to send again.
+    assert!(a.stop().success());
+    a.restart();
+    assert_eq!(a.queue_len(&b.url()), Some(0), "{:?}", a.status());
+}
+
 #[test]
 fn kill9_of_a_receiver_during_a_transfer() {
     // A large file travels A -> B through a proxy that stops forwarding it
