@@ -78,15 +78,26 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| StartError::Storage(config.storage.clone(), e.into()))?;
     let api = Arc::new(api::Api::new(
         store,
-        state,
+        state.clone(),
         ingest,
         locks,
         config.clone(),
-        stats,
+        stats.clone(),
     ));
     api::server::serve(listener, api, &config, shutdown).await;
     for s in senders {
         s.abort();
+        let _ = s.await;
+    }
+    // Positions are saved without a flush while running; a clean stop
+    // saves the live ones durably, so that nothing is sent again.
+    for n in &config.neighbours {
+        if let Some(p) = stats.position(n) {
+            state.accepted(n, p);
+        }
+    }
+    if let Err(e) = state.flush().await {
+        tracing::warn!("saving replication positions at stop: {e}");
     }
     tracing::info!("stopped");
     Ok(())

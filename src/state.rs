@@ -118,6 +118,8 @@ enum Cmd {
         oneshot::Sender<Result<Vec<PutRecord>, StateError>>,
     ),
     Delete(String, oneshot::Sender<Result<DeleteRecord, StateError>>),
+    /// A durable commit of everything sent before it.
+    Flush(oneshot::Sender<Result<(), StateError>>),
     Unlinked(String),
     Accepted(String, u64),
 }
@@ -252,6 +254,16 @@ impl State {
         let _ = self.tx.send(Cmd::Accepted(neighbour.to_string(), upto));
     }
 
+    /// Make everything sent to the writer so far durable (positions are
+    /// otherwise saved without a flush); for a clean stop.
+    pub async fn flush(&self) -> Result<(), StateError> {
+        let (reply, rx) = oneshot::channel();
+        self.tx
+            .send(Cmd::Flush(reply))
+            .map_err(|_| StateError::WriterGone)?;
+        rx.await.map_err(|_| StateError::WriterGone)?
+    }
+
     /// Watch the sequence number of the newest committed operation.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.last_seq.clone()
@@ -359,6 +371,7 @@ enum Reply {
         oneshot::Sender<Result<DeleteRecord, StateError>>,
         DeleteRecord,
     ),
+    Flush(oneshot::Sender<Result<(), StateError>>),
 }
 
 impl Writer {
@@ -387,6 +400,9 @@ impl Writer {
                             Reply::Delete(tx, r) => {
                                 let _ = tx.send(Ok(r));
                             }
+                            Reply::Flush(tx) => {
+                                let _ = tx.send(Ok(()));
+                            }
                         }
                     }
                 }
@@ -404,6 +420,9 @@ impl Writer {
                             Cmd::Delete(_, tx) => {
                                 let _ = tx.send(Err(err()));
                             }
+                            Cmd::Flush(tx) => {
+                                let _ = tx.send(Err(err()));
+                            }
                             Cmd::Unlinked(_) | Cmd::Accepted(..) => {}
                         }
                     }
@@ -417,7 +436,7 @@ impl Writer {
     fn apply(&mut self, batch: &mut Vec<Cmd>) -> Result<Vec<Reply>, StateError> {
         let durable = batch
             .iter()
-            .any(|c| matches!(c, Cmd::Put(..) | Cmd::Delete(..)));
+            .any(|c| matches!(c, Cmd::Put(..) | Cmd::Delete(..) | Cmd::Flush(_)));
         let mut txn = self.db.begin_write().map_err(db_err)?;
         txn.set_durability(if durable {
             Durability::Immediate
@@ -470,6 +489,7 @@ impl Writer {
                         pending.remove(name.as_str()).map_err(db_err)?;
                         None
                     }
+                    Cmd::Flush(_) => None,
                     Cmd::Accepted(neighbour, upto) => {
                         if self.neighbours.contains(neighbour) {
                             let old = positions
@@ -511,6 +531,7 @@ impl Writer {
             match (cmd, outcome) {
                 (Cmd::Put(_, tx), Some(Ok(r))) => replies.push(Reply::Put(tx, r)),
                 (Cmd::Delete(_, tx), Some(Err(r))) => replies.push(Reply::Delete(tx, r)),
+                (Cmd::Flush(tx), _) => replies.push(Reply::Flush(tx)),
                 _ => {}
             }
         }
