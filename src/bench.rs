@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use sha1::{Digest, Sha1};
 
+use crate::error::with_causes as why;
+
 /// What `cockatiel bench` was asked to do.
 #[derive(Debug, Clone)]
 pub struct BenchConfig {
@@ -246,19 +248,6 @@ pub fn body_of(prefix: &str, i: usize, size: usize) -> Bytes {
     }
     body.truncate(size);
     Bytes::from(body)
-}
-
-/// An error with its causes, on one line ("error sending request: ...:
-/// Connection refused").
-fn why(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        text.push_str(": ");
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
 }
 
 fn hex(bytes: &[u8]) -> String {

@@ -1,6 +1,7 @@
 //! The crate's request error type and its mapping to HTTP status codes.
 //! `Error::status` is the one place where an error becomes a status; the
 //! message of each variant is the one-line reason sent to the client.
+//! `with_causes` renders any error with its causes on one line.
 
 use hyper::StatusCode;
 
@@ -67,6 +68,19 @@ impl Error {
             }
         }
     }
+}
+
+/// An error and its causes on one line ("error sending request: ...:
+/// Connection refused"), for logs and for `/_status`.
+pub fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text.push_str(": ");
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
 }
 
 #[cfg(test)]

@@ -300,7 +300,7 @@ impl Sender {
         };
         let timeout = self.config.transfer_timeout;
         let response = tokio::select! {
-            r = request.send() => r.map_err(|e| error_chain(&e))?,
+            r = request.send() => r.map_err(|e| crate::error::with_causes(&e))?,
             () = progress.stalled(timeout) => {
                 return Err(format!("no progress for {} s", timeout.as_secs_f64()));
             }
@@ -322,17 +322,6 @@ impl Sender {
             Err(format!("HTTP {status} {reason}").trim().to_string())
         }
     }
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(inner) = source {
-        s.push_str(": ");
-        s.push_str(&inner.to_string());
-        source = inner.source();
-    }
-    s
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {

@@ -339,33 +339,14 @@ fn one_gib_streams_in_bounded_memory() {
 /// Run the binary with `args` and wait (bounded) for it to exit; returns the
 /// exit status and stderr.
 fn run_expecting_exit(args: &[&str]) -> (std::process::ExitStatus, String) {
-    let dir = tempfile::tempdir().unwrap();
-    let log_path = dir.path().join("stderr.log");
-    let log = std::fs::File::create(&log_path).unwrap();
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_cockatiel"))
-        .args(args)
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::null())
-        .stderr(log)
-        .spawn()
-        .expect("spawn cockatiel");
-    let mut status = None;
-    let exited = wait_until(Duration::from_secs(10), || {
-        status = child.try_wait().expect("try_wait");
-        status.is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
+    let ran = run_to_exit(args, Duration::from_secs(10));
+    let status = ran.status.unwrap_or_else(|| {
         panic!(
             "cockatiel {args:?} should refuse to start, but was still running after 10 s; stderr:\n{}",
-            std::fs::read_to_string(&log_path).unwrap_or_default()
-        );
-    }
-    (
-        status.unwrap(),
-        std::fs::read_to_string(&log_path).unwrap_or_default(),
-    )
+            ran.stderr
+        )
+    });
+    (status, ran.stderr)
 }
 
 #[test]

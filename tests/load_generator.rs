@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use common::cluster::*;
@@ -12,33 +12,17 @@ use common::*;
 
 /// Run `cockatiel bench ARGS` with a bound; returns (exit code, stdout, stderr).
 fn bench(args: &[&str]) -> (Option<i32>, String, String) {
-    let dir = tempfile::tempdir().expect("temp dir");
-    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_cockatiel"))
-        .arg("bench")
-        .args(args)
-        .env_remove("COCKATIEL_TOKEN")
-        .stdin(Stdio::null())
-        .stdout(std::fs::File::create(&out_path).expect("stdout file"))
-        .stderr(std::fs::File::create(&err_path).expect("stderr file"))
-        .spawn()
-        .expect("spawn cockatiel bench");
-    let mut status = None;
-    let exited = wait_until(Duration::from_secs(120), || {
-        status = child.try_wait().expect("try_wait");
-        status.is_some()
-    });
-    if !exited {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let out = std::fs::read_to_string(&out_path).unwrap_or_default();
-    let err = std::fs::read_to_string(&err_path).unwrap_or_default();
+    let all: Vec<&str> = std::iter::once("bench")
+        .chain(args.iter().copied())
+        .collect();
+    let ran = run_to_exit(&all, Duration::from_secs(120));
     assert!(
-        exited,
-        "cockatiel bench {args:?} still running after 120 s\n{out}\n{err}"
+        ran.status.is_some(),
+        "cockatiel bench {args:?} still running after 120 s\n{}\n{}",
+        ran.stdout,
+        ran.stderr
     );
-    (status.and_then(|s| s.code()), out, err)
+    (ran.status.and_then(|s| s.code()), ran.stdout, ran.stderr)
 }
 
 fn line<'a>(out: &'a str, phase: &str) -> &'a str {

@@ -434,6 +434,43 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>, skip_tmp: bool) {
     }
 }
 
+/// What a run of the binary that was expected to exit printed.
+pub struct Ran {
+    /// None when it was still running after the bound (it was then killed).
+    pub status: Option<std::process::ExitStatus>,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+/// Run the binary with `args` (COCKATIEL_TOKEN removed from its
+/// environment) and wait for it to exit, at most `bound`.
+pub fn run_to_exit(args: &[&str], bound: Duration) -> Ran {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (out_path, err_path) = (dir.path().join("out"), dir.path().join("err"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        .args(args)
+        .env_remove("COCKATIEL_TOKEN")
+        .stdin(Stdio::null())
+        .stdout(fs::File::create(&out_path).expect("stdout file"))
+        .stderr(fs::File::create(&err_path).expect("stderr file"))
+        .spawn()
+        .expect("spawn cockatiel");
+    let mut status = None;
+    let exited = wait_until(bound, || {
+        status = child.try_wait().expect("try_wait");
+        status.is_some()
+    });
+    if !exited {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    Ran {
+        status,
+        stdout: fs::read_to_string(&out_path).unwrap_or_default(),
+        stderr: fs::read_to_string(&err_path).unwrap_or_default(),
+    }
+}
+
 /// One quick `GET /_status` with short timeouts.
 fn status_is_ready(port: u16) -> bool {
     let addr = SocketAddr::from(([127, 0, 0, 1], port));
