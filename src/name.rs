@@ -163,6 +163,17 @@ impl StoredParts<'_> {
     fn requested_len(&self) -> usize {
         self.stem.len() + self.ext.len()
     }
+
+    /// The content SHA1, lower-case hex.
+    pub fn sha1_hex(&self) -> String {
+        self.sha1.to_ascii_lowercase()
+    }
+
+    /// The upload time, in Unix seconds, if an HTTP date can express it.
+    /// Every node derives `Last-Modified` from it, so replicas answer alike.
+    pub fn upload_secs(&self) -> Option<u64> {
+        self.secs.parse().ok().filter(|s| *s <= MAX_HTTP_SECS)
+    }
 }
 
 /// Split a name into stem and extension: the extension is the basename's
@@ -196,20 +207,11 @@ pub fn split_stored(name: &str) -> Option<StoredParts<'_>> {
 
 /// The content SHA1 (lower-case hex) a stored name carries, if it has the stored form.
 pub fn content_sha1(name: &str) -> Option<String> {
-    split_stored(name).map(|p| p.sha1.to_ascii_lowercase())
+    split_stored(name).map(|p| p.sha1_hex())
 }
 
 /// Last second that HTTP dates can express (9999-12-31T23:59:59Z).
 pub const MAX_HTTP_SECS: u64 = 253_402_300_799;
-
-/// The upload time a stored name carries, in Unix seconds, if it has the
-/// stored form and the time is one an HTTP date can express. Every node
-/// derives `Last-Modified` from it, so replicas answer alike.
-pub fn stored_secs(name: &str) -> Option<u64> {
-    split_stored(name)
-        .and_then(|p| p.secs.parse().ok())
-        .filter(|s| *s <= MAX_HTTP_SECS)
-}
 
 /// The stored name for content with hash `sha1_hex` (lower-case) PUT to
 /// `requested` at `now_secs`: unchanged when it already names this content,
@@ -446,6 +448,7 @@ mod tests {
 
     #[test]
     fn upload_time_from_the_name() {
+        let stored_secs = |name: &str| split_stored(name).and_then(|p| p.upload_secs());
         assert_eq!(
             stored_secs(&format!("a/b_1700000000_{SHA}.txt")),
             Some(1_700_000_000)

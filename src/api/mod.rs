@@ -451,15 +451,14 @@ impl FileMeta {
         // file's own time (clamped to what HTTP dates can say) otherwise.
         let secs = stored
             .as_ref()
-            .and_then(|p| p.secs.parse::<u64>().ok())
-            .filter(|s| *s <= name::MAX_HTTP_SECS)
+            .and_then(name::StoredParts::upload_secs)
             .unwrap_or_else(|| {
                 u64::try_from(stat.st_mtime)
                     .unwrap_or(0)
                     .min(name::MAX_HTTP_SECS)
             });
         let mtime = UNIX_EPOCH + Duration::from_secs(secs);
-        let sha1 = stored.map(|p| p.sha1.to_ascii_lowercase());
+        let sha1 = stored.map(|p| p.sha1_hex());
         let ext = name::split_ext(name).1.trim_start_matches('.');
         FileMeta {
             len,
