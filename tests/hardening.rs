@@ -662,11 +662,7 @@ fn max_connections_bounds_concurrent_connections() {
         .unwrap();
     fifth.set_read_timeout(Duration::from_millis(1500));
     match fifth.read_head() {
-        Err(e)
-            if matches!(
-                e.kind(),
-                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-            ) => {}
+        Err(e) if is_read_timeout(&e) => {}
         other => panic!(
             "a fifth connection was served while 4 were open with --max-connections 4: {other:?}"
         ),
@@ -974,11 +970,7 @@ fn send_and_drain(port: u16, bytes: &[u8], half_close: bool, bound: Duration) ->
         match s.read(&mut buf) {
             Ok(0) => return (out, true),
             Ok(n) => out.extend_from_slice(&buf[..n]),
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if is_read_timeout(&e) => {}
             Err(_) => return (out, true),
         }
     }

@@ -434,6 +434,14 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>, skip_tmp: bool) {
     }
 }
 
+/// A read that ran into its timeout (nothing arrived in time).
+pub fn is_read_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+    )
+}
+
 /// What a run of the binary that was expected to exit printed.
 pub struct Ran {
     /// None when it was still running after the bound (it was then killed).
@@ -703,14 +711,7 @@ impl Conn {
                 match self.fill() {
                     Ok(0) => break,
                     Ok(_) => {}
-                    Err(e)
-                        if matches!(
-                            e.kind(),
-                            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                        ) =>
-                    {
-                        break
-                    }
+                    Err(e) if is_read_timeout(&e) => break,
                     Err(e) if e.kind() == io::ErrorKind::ConnectionReset => break,
                     Err(e) => return Err(e),
                 }
@@ -815,11 +816,7 @@ impl Conn {
             match self.fill() {
                 Ok(0) => return Ok(true),
                 Ok(_) => {}
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                    ) => {}
+                Err(e) if is_read_timeout(&e) => {}
                 Err(e)
                     if matches!(
                         e.kind(),

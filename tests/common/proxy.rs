@@ -551,11 +551,7 @@ fn wait_for_close(client: &mut TcpStream, bound: Duration) -> bool {
         match client.read(&mut chunk) {
             Ok(0) => return true,
             Ok(_) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
-                ) => {}
+            Err(e) if super::is_read_timeout(&e) => {}
             Err(_) => return true,
         }
     }
