@@ -1123,3 +1123,96 @@ fn a_file_put_there_by_hand_is_read_from_disk_each_time() {
     fs::remove_file(&path).expect("remove by hand");
     assert_eq!(node.get("/manual.txt").status, 404);
 }
+
+/// A replica PUT (with `X-Content-SHA1`) of a file the node already has is
+/// how every copy a neighbour forwards back arrives. It is answered 302
+/// from a quick look before the body, and the connection stays usable even
+/// when the body comes after that look (else neighbours would reconnect for
+/// every file); deleted, 409.
+#[test]
+fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
+    let node = Node::start(&[]);
+    let body = Rng::new(41).bytes(4096);
+    let loc = node.put_ok("/echo/back.bin", &body);
+    let sha = sha1_hex(&body);
+    let port = node.port();
+    let mut conn = Conn::open(port);
+    for round in 0..10 {
+        // Head and body in separate writes, as a replicating node sends them;
+        // every other round the body comes late, after the node has looked.
+        let head = build_head(
+            port,
+            "PUT",
+            &loc,
+            &[
+                ("X-Content-SHA1", sha.as_str()),
+                ("Connection", "keep-alive"),
+            ],
+            Some(body.len()),
+        );
+        conn.send(&head)
+            .unwrap_or_else(|e| panic!("round {round}: the connection was closed: {e}"));
+        if round % 2 == 1 {
+            // Not a wait for a result: only makes the body arrive late.
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        conn.send(&body)
+            .unwrap_or_else(|e| panic!("round {round}: the connection was closed: {e}"));
+        let r = conn
+            .read_response(false)
+            .unwrap_or_else(|e| panic!("round {round}: no answer on the kept connection: {e}"));
+        assert_eq!(r.status, 302, "round {round}: {}", r.describe());
+        assert_eq!(r.header("location").as_deref(), Some(loc.as_str()));
+        assert!(
+            !r.header("connection")
+                .is_some_and(|c| c.eq_ignore_ascii_case("close")),
+            "round {round}: the node announced it closes: {}",
+            r.describe()
+        );
+    }
+    // The same connection still serves the file, unchanged.
+    conn.send(&build_head(port, "GET", &loc, &[], None))
+        .unwrap();
+    let r = conn.read_response(false).expect("GET after the replicas");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.body, body);
+    assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
+    node.assert_tmp_empty_soon("after replicas of a present file");
+
+    // Asked with Expect: 100-continue, the answer comes without the body.
+    let mut conn = Conn::open(port);
+    conn.send(&build_head(
+        port,
+        "PUT",
+        &loc,
+        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
+        Some(body.len()),
+    ))
+    .unwrap();
+    let r = conn
+        .read_response(false)
+        .expect("an answer without the body");
+    assert_eq!(r.status, 302, "{}", r.describe());
+    assert!(r.interim.is_empty(), "no 100 Continue: {:?}", r.interim);
+
+    // Deleted, the same replica gets 409, body sent or not, and leaves nothing.
+    assert_eq!(node.delete(&loc).status, 200);
+    let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &body);
+    assert_eq!(r.status, 409, "{}", r.describe());
+    let mut conn = Conn::open(port);
+    conn.send(&build_head(
+        port,
+        "PUT",
+        &loc,
+        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
+        Some(body.len()),
+    ))
+    .unwrap();
+    let r = conn
+        .read_response(false)
+        .expect("an answer without the body");
+    assert_eq!(r.status, 409, "{}", r.describe());
+    assert!(r.interim.is_empty(), "no 100 Continue: {:?}", r.interim);
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+    node.assert_tmp_empty_soon("after replicas of a deleted file");
+}

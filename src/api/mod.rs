@@ -41,6 +41,12 @@ const CHUNK: usize = crate::store::CHUNK;
 const ALLOW_FILE: &str = "GET, HEAD, PUT, DELETE";
 const ALLOW_STATUS: &str = "GET, HEAD";
 const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
+/// A replica body up to this size is not worth a look at the deletion log
+/// before it arrives (a blocking-thread hop): the upload's own checks
+/// answer 409 just the same. When such a replica is answered 302 early,
+/// its body is still read (and dropped), or hyper would close the
+/// connection and the neighbour reconnect for its next file.
+const SMALL_REPLICA: u64 = 64 * 1024;
 static X_CONTENT_SHA1: HeaderName = HeaderName::from_static("x-content-sha1");
 
 /// Everything a request handler needs; shared by all connections.
@@ -223,18 +229,22 @@ impl Api {
             }
             None => None,
         };
-        if let Some(len) = req.headers().get(header::CONTENT_LENGTH) {
-            let len: u64 = len
-                .to_str()
-                .ok()
-                .and_then(|s| s.trim().parse().ok())
-                .ok_or(Error::BadContentLength)?;
-            if let Some(max) = self.config.max_size {
-                if len > max {
-                    return Err(Error::TooLarge(max));
+        let length = match req.headers().get(header::CONTENT_LENGTH) {
+            Some(len) => {
+                let len: u64 = len
+                    .to_str()
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or(Error::BadContentLength)?;
+                if let Some(max) = self.config.max_size {
+                    if len > max {
+                        return Err(Error::TooLarge(max));
+                    }
                 }
+                Some(len)
             }
-        }
+            None => None,
+        };
         // A replica sent to the name it already has: answer before the body
         // travels (it would change nothing).
         if let Some(sha) = &expected {
@@ -242,17 +252,34 @@ impl Api {
                 // Under the lock: a file still between its commit and its
                 // rename (not yet durable) must not be reported as present.
                 let _guard = self.locks.lock(&name).await;
-                let (store, state, n) = (self.store.clone(), self.state.clone(), name.clone());
-                let known = blocking(move || -> Result<_, Error> {
-                    if state.is_deleted(&n)? {
-                        return Ok(Some(Err(Error::Deleted)));
+                // Usually a copy coming back from a neighbour, found in the
+                // kernel's caches without leaving this thread. A present file
+                // is never a deleted one (a deletion unlinks under this lock).
+                let small = length.is_some_and(|len| len <= SMALL_REPLICA)
+                    && !req.headers().contains_key(header::EXPECT);
+                let known = match self.store.open_cached(&name, 0) {
+                    Cached::Found(_) => Some(Ok(())),
+                    Cached::Missing if small => None,
+                    Cached::Missing | Cached::WouldBlock => {
+                        let (store, state, n) =
+                            (self.store.clone(), self.state.clone(), name.clone());
+                        blocking(move || -> Result<_, Error> {
+                            if state.is_deleted(&n)? {
+                                return Ok(Some(Err(Error::Deleted)));
+                            }
+                            Ok(store.open_file(&n)?.map(|_| Ok(())))
+                        })
+                        .await??
                     }
-                    Ok(store.open_file(&n)?.map(|_| Ok(())))
-                })
-                .await??;
+                };
                 match known {
                     Some(Err(e)) => return Err(e),
-                    Some(Ok(())) => return Ok(located(StatusCode::FOUND, &name)),
+                    Some(Ok(())) => {
+                        if small {
+                            self.drain(req.into_body()).await;
+                        }
+                        return Ok(located(StatusCode::FOUND, &name));
+                    }
                     None => {}
                 }
             }
@@ -356,6 +383,13 @@ impl Api {
             _ => Bytes::from(frames.concat()),
         };
         Ok((temp, tail, hex(&hasher.finalize())))
+    }
+
+    /// Read a body to its end and drop it. Gives up when it stalls or
+    /// breaks (the connection then closes): the answer is known already.
+    async fn drain(&self, mut body: Incoming) {
+        let timeout = self.config.read_timeout;
+        while let Ok(Some(Ok(_))) = tokio::time::timeout(timeout, body.frame()).await {}
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
