@@ -79,14 +79,33 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   of its own (branch `journal`: +2% put_small, +7% replicate in one A/B
   harness run; the database's pages still go out with the same `syncfs`).
 - replicate: the upload phase is the bound (the queue is empty about 0.1 s
-  after the last upload answers). Both nodes share one core and one disk
-  and each makes every file durable, and at 16 clients a round holds only
-  3–5 uploads, so each waits about three flushes. Measured with `cockatiel
-  bench -c 16` (2,000–3,000 files, loop ext4 each, two runs each): a node
-  alone takes 3.2k uploads/s; with a neighbour 1.86k/s, and 2.15k/s when B
-  is given no `--node`, so that it does not send every replica back to A
-  (B cannot tell that A has it; A answers those with an early 302). A sender window of 64 instead of 16
-  changed nothing (1,688 against 1,677 files/s in one harness run).
+  after the last upload answers). Both nodes share one core and one disk,
+  and each file costs four HTTP exchanges (the upload, A's copy to B, and
+  B's copy back to A, which SPEC requires since B queues every change for
+  every neighbour), two durable ingests and two state commits.
+  With flushes free (harness `--fs tmpfs`) the shared core was 91–99% busy:
+  0.32–0.35 ms of server CPU per file; perf put 14% in the state
+  database's commits, 16% in serving HTTP, 15% in the sender, 11% in the
+  ingest thread; perf stat counted 25 futex calls and 18 context switches
+  per file. The copies coming back were checked on the blocking pool (two
+  thread hops each); they are now answered from a cache-only lookup on the
+  async thread, the small body read and dropped so the connection stays:
+  3,100 → 4,169 files/s on tmpfs (10,000 files, 3 runs each in one harness
+  run), 0.32–0.35 → 0.23–0.25 ms CPU per file; on loop ext4 1,512 → 1,586.
+  On loop ext4 the bound is the chain of flushes: instrumented rounds took
+  `syncfs` 2.4–2.7 ms at the median (p90 3.2–3.5 ms) with both nodes
+  flushing, against 1.25 ms for one, with about 6 uploads per round. Each
+  upload waits for the flush of its round and of the next (content before
+  name, name before 201), and a client's next upload usually arrives after
+  the following round has started, so each of the 16 clients completes an
+  upload about every three rounds: 16 / (3 × 2.7 ms) ≈ 2.0k files/s.
+  Tried and dropped: an `fdatasync` per file instead of `syncfs` in the
+  round (rounds 3.0–3.5 ms, −20%); holding a round up to 0.3–1 ms for the
+  clients just answered (no gain: on the shared core they came back later
+  than that); a sender window of 64 (1,688 against 1,677); mimalloc (no
+  change, idle RSS 7.4 → 15.4 MiB); saving positions once a second
+  instead of at each catch-up (no change). Leaving out the state
+  database's flush (a measurement only) gave +10%.
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
   page cache (~44%) while writeback runs; the durable `dd` above, which
   does neither, is no faster. O_DIRECT gave 489 MB/s but left the file out
