@@ -1179,6 +1179,36 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
     assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
     node.assert_tmp_empty_soon("after replicas of a present file");
 
+    // A replica whose body stalls after the head holds up nothing else:
+    // a deletion of the same name is answered while it hangs.
+    let mut stalled = Conn::open(port);
+    stalled
+        .send(&build_head(
+            port,
+            "PUT",
+            &loc,
+            &[
+                ("X-Content-SHA1", sha.as_str()),
+                ("Connection", "keep-alive"),
+            ],
+            Some(body.len()),
+        ))
+        .unwrap();
+    // Not a wait for a result: lets the node read the head and look first.
+    std::thread::sleep(Duration::from_millis(50));
+    let r = node.delete(&loc);
+    assert_eq!(
+        r.status,
+        200,
+        "DELETE beside a stalled replica: {}",
+        r.describe()
+    );
+    assert_eq!(node.get(&loc).status, 404);
+    drop(stalled);
+    let body = Rng::new(42).bytes(4096);
+    let sha = sha1_hex(&body);
+    let loc = node.put_ok("/echo/again.bin", &body);
+
     // Asked with Expect: 100-continue, the answer comes without the body.
     let mut conn = Conn::open(port);
     conn.send(&build_head(

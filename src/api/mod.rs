@@ -249,32 +249,37 @@ impl Api {
         // travels (it would change nothing).
         if let Some(sha) = &expected {
             if name::content_sha1(&name).as_deref() == Some(sha.as_str()) {
-                // Under the lock: a file still between its commit and its
-                // rename (not yet durable) must not be reported as present.
-                let _guard = self.locks.lock(&name).await;
-                // Usually a copy coming back from a neighbour, found in the
-                // kernel's caches without leaving this thread. A present file
-                // is never a deleted one (a deletion unlinks under this lock).
                 let small = length.is_some_and(|len| len <= SMALL_REPLICA)
                     && !req.headers().contains_key(header::EXPECT);
-                let known = match self.store.open_cached(&name, 0) {
-                    Cached::Found(_) => Some(Ok(())),
-                    Cached::Missing if small => None,
-                    Cached::Missing | Cached::WouldBlock => {
-                        let (store, state, n) =
-                            (self.store.clone(), self.state.clone(), name.clone());
-                        blocking(move || -> Result<_, Error> {
-                            if state.is_deleted(&n)? {
-                                return Ok(Some(Err(Error::Deleted)));
-                            }
-                            Ok(store.open_file(&n)?.map(|_| Ok(())))
-                        })
-                        .await??
+                let known = {
+                    // Under the lock: a file still between its commit and its
+                    // rename (not yet durable) must not be reported as present.
+                    let _guard = self.locks.lock(&name).await;
+                    // Usually a copy coming back from a neighbour, found in
+                    // the kernel's caches without leaving this thread. A
+                    // present file is never a deleted one (a deletion unlinks
+                    // under this lock).
+                    match self.store.open_cached(&name, 0) {
+                        Cached::Found(_) => Some(Ok(())),
+                        Cached::Missing if small => None,
+                        Cached::Missing | Cached::WouldBlock => {
+                            let (store, state, n) =
+                                (self.store.clone(), self.state.clone(), name.clone());
+                            blocking(move || -> Result<_, Error> {
+                                if state.is_deleted(&n)? {
+                                    return Ok(Some(Err(Error::Deleted)));
+                                }
+                                Ok(store.open_file(&n)?.map(|_| Ok(())))
+                            })
+                            .await??
+                        }
                     }
                 };
                 match known {
                     Some(Err(e)) => return Err(e),
                     Some(Ok(())) => {
+                        // Not under the lock: a stalled body must not hold
+                        // up a deletion or an upload of the name.
                         if small {
                             self.drain(req.into_body()).await;
                         }
