@@ -9,6 +9,7 @@
 //! (positions, cleanup) ride along or commit without fsync, because losing
 //! them only repeats harmless work. This module never touches stored files.
 
+use std::collections::HashSet;
 use std::path::Path;
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -152,6 +153,10 @@ pub struct State {
     last_seq: watch::Receiver<u64>,
     neighbours: Arc<Vec<String>>,
     writer: Arc<std::sync::Mutex<Option<std::thread::JoinHandle<()>>>>,
+    /// Names whose deletion this process logged and whose unlink has not
+    /// succeeded yet: only while one is here can its file be present
+    /// although deleted (start-up finishes those of earlier runs).
+    unlinking: Arc<std::sync::Mutex<HashSet<String>>>,
 }
 
 impl State {
@@ -203,6 +208,7 @@ impl State {
             last_seq,
             neighbours: Arc::new(neighbours.to_vec()),
             writer: Arc::new(std::sync::Mutex::new(Some(handle))),
+            unlinking: Arc::default(),
         })
     }
 
@@ -241,12 +247,27 @@ impl State {
         self.tx
             .send(Cmd::Delete(name.to_string(), reply))
             .map_err(|_| StateError::WriterGone)?;
-        rx.await.map_err(|_| StateError::WriterGone)?
+        let record = rx.await.map_err(|_| StateError::WriterGone)??;
+        if record == DeleteRecord::New {
+            self.unlinking_set().insert(name.to_string());
+        }
+        Ok(record)
     }
 
     /// The file of a deleted name is gone from disk; no need to redo it at start.
     pub fn unlinked(&self, name: &str) {
+        self.unlinking_set().remove(name);
         let _ = self.tx.send(Cmd::Unlinked(name.to_string()));
+    }
+
+    /// Whether `name` was deleted by this process and its unlink has not
+    /// succeeded yet (a DELETE that failed after logging the deletion).
+    pub fn unlink_pending(&self, name: &str) -> bool {
+        self.unlinking_set().contains(name)
+    }
+
+    fn unlinking_set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.unlinking.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// `neighbour` has accepted every operation up to and including `upto`.
@@ -542,6 +563,23 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn an_unlink_is_pending_from_a_new_deletion_until_unlinked() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = State::open(dir.path(), &[]).unwrap();
+        assert!(!state.unlink_pending("a"));
+        assert_eq!(state.delete("a").await.unwrap(), DeleteRecord::New);
+        assert!(state.unlink_pending("a"), "logged, not yet unlinked");
+        // A repeated deletion changes nothing: the unlink is still owed.
+        assert_eq!(state.delete("a").await.unwrap(), DeleteRecord::Known);
+        assert!(state.unlink_pending("a"));
+        state.unlinked("a");
+        assert!(!state.unlink_pending("a"));
+        assert_eq!(state.delete("a").await.unwrap(), DeleteRecord::Known);
+        assert!(!state.unlink_pending("a"), "a known deletion owes nothing");
+        state.close();
+    }
 
     #[tokio::test]
     async fn deletion_log_blocks_puts_and_survives_reopen() {

@@ -1246,3 +1246,92 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
     assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
     node.assert_tmp_empty_soon("after replicas of a deleted file");
 }
+
+/// Makes a file immutable (so even root cannot unlink it) until dropped.
+struct Immutable(std::path::PathBuf);
+
+impl Immutable {
+    fn set(path: &std::path::Path) -> Immutable {
+        let out = std::process::Command::new("chattr")
+            .arg("+i")
+            .arg(path)
+            .output()
+            .expect("chattr (e2fsprogs) is needed for this test");
+        assert!(
+            out.status.success(),
+            "chattr +i {}: {}",
+            path.display(),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Immutable(path.to_path_buf())
+    }
+}
+
+impl Drop for Immutable {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("chattr")
+            .arg("-i")
+            .arg(&self.0)
+            .status();
+    }
+}
+
+/// A DELETE whose unlink fails (here: the file is immutable) answers 500,
+/// but the deletion is logged, so the name is deleted for every answer the
+/// node gives from then on: GET/HEAD 404, a replica PUT 409 (also the quick
+/// answer a copy coming back gets). Repeated once the disk allows it, the
+/// DELETE removes the file.
+#[test]
+fn a_deletion_whose_unlink_failed_still_counts() {
+    let mut node = Node::start(&[]);
+    let body = Rng::new(43).bytes(4096);
+    let sha = sha1_hex(&body);
+    let loc = node.put_ok("/stuck/file.bin", &body);
+    assert_eq!(node.get(&loc).status, 200, "read once, so it is cached");
+    let path = node.stored_path(&loc);
+    let lock = Immutable::set(&path);
+
+    let r = node.delete(&loc);
+    assert_eq!(r.status, 500, "{}", r.describe());
+    assert!(path.exists(), "the file could not be unlinked");
+    assert_eq!(node.get(&loc).status, 404, "GET of a deleted name");
+    assert_eq!(node.head(&loc).status, 404, "HEAD of a deleted name");
+    let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &body);
+    assert_eq!(r.status, 409, "replica of a deleted name: {}", r.describe());
+    let mut conn = Conn::open(node.port());
+    conn.send(&build_head(
+        node.port(),
+        "PUT",
+        &loc,
+        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
+        Some(body.len()),
+    ))
+    .unwrap();
+    let r = conn
+        .read_response(false)
+        .expect("an answer without the body");
+    assert_eq!(r.status, 409, "{}", r.describe());
+
+    // Still immutable: the repeated DELETE fails the same way.
+    assert_eq!(node.delete(&loc).status, 500);
+    drop(lock);
+    let r = node.delete(&loc);
+    assert_eq!(
+        r.status,
+        200,
+        "once the unlink can succeed: {}",
+        r.describe()
+    );
+    assert!(!path.exists(), "the file is gone");
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+    assert_eq!(node.get(&loc).status, 404);
+
+    // Nothing is left for start-up to redo, and the name stays deleted.
+    let code = node.stop();
+    assert!(code.success(), "stopped with {code}");
+    node.restart();
+    assert_eq!(node.get(&loc).status, 404);
+    let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &body);
+    assert_eq!(r.status, 409, "after a restart: {}", r.describe());
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+}

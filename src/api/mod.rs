@@ -181,6 +181,12 @@ impl Api {
                 req,
             ));
         }
+        // A deletion whose unlink failed (answered 500) left its file behind;
+        // the name is deleted all the same. Checked before the copy could be
+        // cached, and such a DELETE empties the cache of the name.
+        if self.state.unlink_pending(name) {
+            return Err(Error::NotFound);
+        }
         // Taken before the file is opened: a deletion from here on keeps
         // this read's copy out of the cache.
         let ticket = self.cache.ticket();
@@ -257,12 +263,12 @@ impl Api {
                     let _guard = self.locks.lock(&name).await;
                     // Usually a copy coming back from a neighbour, found in
                     // the kernel's caches without leaving this thread. A
-                    // present file is never a deleted one (a deletion unlinks
-                    // under this lock).
+                    // present file is not a deleted one (a deletion unlinks
+                    // under this lock), unless that unlink failed.
                     match self.store.open_cached(&name, 0) {
-                        Cached::Found(_) => Some(Ok(())),
+                        Cached::Found(_) if !self.state.unlink_pending(&name) => Some(Ok(())),
                         Cached::Missing if small => None,
-                        Cached::Missing | Cached::WouldBlock => {
+                        Cached::Found(_) | Cached::Missing | Cached::WouldBlock => {
                             let (store, state, n) =
                                 (self.store.clone(), self.state.clone(), name.clone());
                             blocking(move || -> Result<_, Error> {
@@ -410,12 +416,14 @@ impl Api {
         let existed = tokio::spawn(async move {
             let _guard = locks.lock(&n).await;
             let record = state.delete(&n).await?;
+            // A DELETE repeated after one whose unlink failed finishes it.
+            let unfinished = record == DeleteRecord::Known && state.unlink_pending(&n);
             let (s, n2) = (store.clone(), n.clone());
             let removed = blocking(move || s.remove(&n2)).await;
             // After the unlink, whatever came of it: no copy may outlive the file.
             cache.forget(&n);
             let existed = removed??;
-            if record == DeleteRecord::New {
+            if record == DeleteRecord::New || unfinished {
                 // Until the unlink is durable, start-up must be able to redo it.
                 syncer.sync().await?;
                 state.unlinked(&n);
