@@ -1136,20 +1136,20 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
     let loc = node.put_ok("/echo/back.bin", &body);
     let sha = sha1_hex(&body);
     let port = node.port();
+    let head = build_head(
+        port,
+        "PUT",
+        &loc,
+        &[
+            ("X-Content-SHA1", sha.as_str()),
+            ("Connection", "keep-alive"),
+        ],
+        Some(body.len()),
+    );
     let mut conn = Conn::open(port);
     for round in 0..10 {
         // Head and body in separate writes, as a replicating node sends them;
         // every other round the body comes late, after the node has looked.
-        let head = build_head(
-            port,
-            "PUT",
-            &loc,
-            &[
-                ("X-Content-SHA1", sha.as_str()),
-                ("Connection", "keep-alive"),
-            ],
-            Some(body.len()),
-        );
         conn.send(&head)
             .unwrap_or_else(|e| panic!("round {round}: the connection was closed: {e}"));
         if round % 2 == 1 {
@@ -1182,18 +1182,7 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
     // A replica whose body stalls after the head holds up nothing else:
     // a deletion of the same name is answered while it hangs.
     let mut stalled = Conn::open(port);
-    stalled
-        .send(&build_head(
-            port,
-            "PUT",
-            &loc,
-            &[
-                ("X-Content-SHA1", sha.as_str()),
-                ("Connection", "keep-alive"),
-            ],
-            Some(body.len()),
-        ))
-        .unwrap();
+    stalled.send(&head).unwrap();
     // Not a wait for a result: lets the node read the head and look first.
     std::thread::sleep(Duration::from_millis(50));
     let r = node.delete(&loc);
@@ -1210,41 +1199,36 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
     let loc = node.put_ok("/echo/again.bin", &body);
 
     // Asked with Expect: 100-continue, the answer comes without the body.
-    let mut conn = Conn::open(port);
-    conn.send(&build_head(
-        port,
-        "PUT",
-        &loc,
-        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
-        Some(body.len()),
-    ))
-    .unwrap();
-    let r = conn
-        .read_response(false)
-        .expect("an answer without the body");
+    let r = replica_asking_first(port, &loc, &sha, body.len());
     assert_eq!(r.status, 302, "{}", r.describe());
-    assert!(r.interim.is_empty(), "no 100 Continue: {:?}", r.interim);
 
     // Deleted, the same replica gets 409, body sent or not, and leaves nothing.
     assert_eq!(node.delete(&loc).status, 200);
     let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &body);
     assert_eq!(r.status, 409, "{}", r.describe());
+    let r = replica_asking_first(port, &loc, &sha, body.len());
+    assert_eq!(r.status, 409, "{}", r.describe());
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+    node.assert_tmp_empty_soon("after replicas of a deleted file");
+}
+
+/// A replica PUT with `Expect: 100-continue`, whose body is never sent: the
+/// answer must come without asking for it.
+fn replica_asking_first(port: u16, loc: &str, sha: &str, len: usize) -> Response {
     let mut conn = Conn::open(port);
     conn.send(&build_head(
         port,
         "PUT",
-        &loc,
-        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
-        Some(body.len()),
+        loc,
+        &[("X-Content-SHA1", sha), ("Expect", "100-continue")],
+        Some(len),
     ))
     .unwrap();
     let r = conn
         .read_response(false)
         .expect("an answer without the body");
-    assert_eq!(r.status, 409, "{}", r.describe());
     assert!(r.interim.is_empty(), "no 100 Continue: {:?}", r.interim);
-    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
-    node.assert_tmp_empty_soon("after replicas of a deleted file");
+    r
 }
 
 /// Makes a file immutable (so even root cannot unlink it) until dropped.
@@ -1298,18 +1282,7 @@ fn a_deletion_whose_unlink_failed_still_counts() {
     assert_eq!(node.head(&loc).status, 404, "HEAD of a deleted name");
     let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &body);
     assert_eq!(r.status, 409, "replica of a deleted name: {}", r.describe());
-    let mut conn = Conn::open(node.port());
-    conn.send(&build_head(
-        node.port(),
-        "PUT",
-        &loc,
-        &[("X-Content-SHA1", sha.as_str()), ("Expect", "100-continue")],
-        Some(body.len()),
-    ))
-    .unwrap();
-    let r = conn
-        .read_response(false)
-        .expect("an answer without the body");
+    let r = replica_asking_first(node.port(), &loc, &sha, body.len());
     assert_eq!(r.status, 409, "{}", r.describe());
 
     // Still immutable: the repeated DELETE fails the same way.
