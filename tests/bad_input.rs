@@ -383,11 +383,21 @@ fn huge_headers_get_431() {
     );
     assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
     assert_canary_intact(&node, &canary);
-    // Like every response, a 431 names the server and says what was wrong.
+    // Like every response, a 431 names the server and says what was wrong,
+    // also when the HTTP layer refuses the head before the server sees it:
+    // more than 100 header fields (hyper's parse table), or a head far over
+    // the limit.
     assert_error_body(&one_big, "431 for one 20 KiB header");
-    // More than 100 header fields are refused by the HTTP layer itself
-    // (hyper's fixed parse table), whose 431 carries no reason: the status
-    // is what counts there. See docs/SECURITY.md.
+    assert_error_body(&many, "431 for 400 headers");
+    let huge = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nX-Big: {}\r\nConnection: close\r\n\r\n",
+        canary.location,
+        "d".repeat(200 * 1024)
+    );
+    let huge = raw(node.port(), huge.as_bytes());
+    assert_eq!(huge.status, 431, "one 200 KiB header: {}", huge.describe());
+    assert_error_body(&huge, "431 for one 200 KiB header");
+    assert_canary_intact(&node, &canary);
 }
 
 #[test]
@@ -429,15 +439,21 @@ fn garbage_requests_are_4xx() {
         b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",
         b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
         b"GET x.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        b"GARBAGE\r\n\r\n",
+        b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nabc",
     ];
     for req in cases {
         match try_raw(node.port(), req) {
-            Ok(r) => assert!(
-                (400..500).contains(&r.status),
-                "malformed request {:?}: expected 4xx, got {}",
-                String::from_utf8_lossy(req),
-                r.describe()
-            ),
+            Ok(r) => {
+                assert!(
+                    (400..500).contains(&r.status),
+                    "malformed request {:?}: expected 4xx, got {}",
+                    String::from_utf8_lossy(req),
+                    r.describe()
+                );
+                // Also when the HTTP layer answers by itself.
+                assert_error_body(&r, &format!("{:?}", String::from_utf8_lossy(req)));
+            }
             Err(e) => assert!(
                 matches!(
                     e.kind(),

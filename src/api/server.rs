@@ -1,18 +1,24 @@
 //! The listening socket: accepts connections (bounded in number), applies
 //! the connection-level limits (header size and time, TCP_NODELAY), hands
-//! each request to `Api::handle`, and drains connections on shutdown.
+//! each request to `Api::handle`, and drains connections on shutdown. The
+//! answers hyper writes by itself to requests it cannot parse get our
+//! `Server` header and a one-line reason on their way out (`Conn`).
 //! It never looks at request contents.
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::io;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 
 use super::Api;
@@ -30,8 +36,8 @@ pub async fn serve(
     builder
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_timeout)
-        // hyper's own 431 carries neither a reason nor our Server header, so
-        // it only catches heads far over the limit; `Api` answers the rest.
+        // hyper answers heads far over the limit itself (`Conn` adds the
+        // Server header and a reason); `Api` answers the rest with 431.
         // (hyper's header count limit stays at its default of 100: a higher
         // one costs every request the initialisation of that many slots.)
         .max_header_size(config.max_header_size.saturating_mul(4).max(64 * 1024))
@@ -65,7 +71,8 @@ pub async fn serve(
             let api = api.clone();
             async move { Ok::<_, Infallible>(api.handle(req).await) }
         });
-        let conn = graceful.watch(builder.serve_connection(TokioIo::new(stream), service));
+        let conn =
+            graceful.watch(builder.serve_connection(TokioIo::new(Conn::new(stream)), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("connection ended: {e}");
@@ -78,6 +85,191 @@ pub async fn serve(
         () = graceful.shutdown() => {}
         () = tokio::time::sleep(config.shutdown_timeout) => {
             tracing::warn!("cutting connections still open after {:?}", config.shutdown_timeout);
+        }
+    }
+}
+
+/// A connection whose outgoing bytes pass through unchanged, except a
+/// response hyper wrote by itself (no `Server` header, empty body: a request
+/// it could not parse), which is replaced by the same status with our
+/// `Server` header and a one-line reason, as SPEC wants of every error.
+struct Conn {
+    inner: TcpStream,
+    /// A replacement being written, and how many bytes of hyper's buffer it
+    /// stands for (reported once all of it is written).
+    pending: Option<(Vec<u8>, usize, usize)>,
+}
+
+impl Conn {
+    fn new(inner: TcpStream) -> Conn {
+        Conn {
+            inner,
+            pending: None,
+        }
+    }
+
+    fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
+        let Some((bytes, written, stands_for)) = &mut self.pending else {
+            return Poll::Ready(Ok(0));
+        };
+        while *written < bytes.len() {
+            match Pin::new(&mut self.inner).poll_write(cx, &bytes[*written..]) {
+                Poll::Ready(Ok(0)) => return Poll::Ready(Err(io::ErrorKind::WriteZero.into())),
+                Poll::Ready(Ok(n)) => *written += n,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+        let n = *stands_for;
+        self.pending = None;
+        Poll::Ready(Ok(n))
+    }
+}
+
+impl AsyncRead for Conn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for Conn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.pending.is_none() {
+            if let Some(replacement) = explain_bare_error(buf) {
+                self.pending = Some((replacement, 0, buf.len()));
+            }
+        }
+        if self.pending.is_some() {
+            return self.write_pending(cx);
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
+            if self.pending.is_some() || explain_bare_error(first).is_some() {
+                return self.poll_write(cx, first);
+            }
+        }
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// If `buf` is a whole error response hyper wrote by itself (status 4xx or
+/// 5xx, no `Server` header, `content-length: 0`), the same response with
+/// our `Server` header and a one-line plain-text reason.
+fn explain_bare_error(buf: &[u8]) -> Option<Vec<u8>> {
+    // Cheap first test: every other response fails it on its 10th byte.
+    if buf.len() < 12 || !buf.starts_with(b"HTTP/1.1 ") || !matches!(buf[9], b'4' | b'5') {
+        return None;
+    }
+    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
+    if end + 4 != buf.len() {
+        return None;
+    }
+    let head = std::str::from_utf8(&buf[..end]).ok()?;
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next()?;
+    let mut rest = Vec::new();
+    let mut empty_body = false;
+    for line in lines {
+        let (field, value) = line.split_once(':')?;
+        match field.to_ascii_lowercase().as_str() {
+            "server" => return None,
+            "content-length" => empty_body = value.trim() == "0",
+            _ => rest.push(line),
+        }
+    }
+    if !empty_body {
+        return None;
+    }
+    let reason = match status_line.get(9..12)? {
+        "400" => "malformed request: the request line or a header could not be parsed",
+        "408" => "the request headers took too long to arrive",
+        "413" => "the request is too large",
+        "414" => "the request target is too long",
+        "431" => "the request headers are too large or too many",
+        "501" => "not implemented",
+        "505" => "HTTP version not supported (HTTP/1.1 and 1.0 are)",
+        _ => status_line.get(13..).unwrap_or("error"),
+    };
+    let mut out = String::with_capacity(256);
+    out.push_str(status_line);
+    out.push_str(concat!("\r\nserver: cockatiel/", env!("CARGO_PKG_VERSION")));
+    out.push_str("\r\ncontent-type: text/plain; charset=utf-8");
+    for line in rest {
+        out.push_str("\r\n");
+        out.push_str(line);
+    }
+    out.push_str(&format!(
+        "\r\ncontent-length: {}\r\n\r\n{reason}\n",
+        reason.len() + 1
+    ));
+    Some(out.into_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::explain_bare_error;
+
+    #[test]
+    fn hyper_error_answers_get_a_server_header_and_a_reason() {
+        let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Fri, 27 Nov 2026 15:34:18 GMT\r\n\r\n";
+        let fixed = String::from_utf8(explain_bare_error(bare).expect("rewritten")).expect("utf-8");
+        let (head, body) = fixed.split_once("\r\n\r\n").expect("a head");
+        assert!(head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
+        assert!(head.contains(concat!("\r\nserver: cockatiel/", env!("CARGO_PKG_VERSION"))));
+        assert!(head.contains("\r\nconnection: close"));
+        assert!(head.contains("\r\ndate: Fri, 27 Nov 2026 15:34:18 GMT"));
+        assert!(head.contains(&format!("\r\ncontent-length: {}", body.len())));
+        assert!(
+            body.ends_with('\n') && body.lines().count() == 1,
+            "{body:?}"
+        );
+        let bad = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let fixed = String::from_utf8(explain_bare_error(bad).expect("rewritten")).expect("utf-8");
+        assert!(fixed.ends_with(
+            "\r\n\r\nmalformed request: the request line or a header could not be parsed\n"
+        ));
+    }
+
+    #[test]
+    fn our_own_answers_pass_unchanged() {
+        for ours in [
+            &b"HTTP/1.1 404 Not Found\r\ncontent-type: text/plain; charset=utf-8\r\nserver: cockatiel/0.1.0\r\ncontent-length: 10\r\n\r\n"[..],
+            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n",
+            b"HTTP/1.1 302 Found\r\nlocation: /a\r\ncontent-length: 0\r\n\r\n",
+            // An error with a body, or a head without its end: not hyper's own.
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 3\r\n\r\nbad",
+            b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n",
+            b"",
+            b"HTTP/1.1 4",
+        ] {
+            assert_eq!(explain_bare_error(ours), None, "{:?}", String::from_utf8_lossy(ours));
         }
     }
 }
