@@ -21,8 +21,8 @@ pub enum Error {
     BadContentLength,
     #[error("the request body could not be read: {0}")]
     BodyRead(String),
-    #[error("no body data arrived for {0} seconds")]
-    ReadTimeout(u64),
+    #[error("no body data arrived for {} seconds", seconds(.0))]
+    ReadTimeout(std::time::Duration),
     #[error("the body is larger than the limit of {0} bytes")]
     TooLarge(u64),
     #[error("the request headers are larger than {0} bytes")]
@@ -70,6 +70,16 @@ impl Error {
     }
 }
 
+/// A duration as a number of seconds, with its fraction only if it has one.
+fn seconds(d: &std::time::Duration) -> String {
+    let s = d.as_secs_f64();
+    if d.subsec_nanos() == 0 {
+        format!("{s:.0}")
+    } else {
+        format!("{}", (s * 1000.0).round() / 1000.0)
+    }
+}
+
 /// An error and its causes on one line ("error sending request: ...:
 /// Connection refused"), for logs and for `/_status`.
 pub fn with_causes(e: &dyn std::error::Error) -> String {
@@ -86,6 +96,7 @@ pub fn with_causes(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
 
     #[test]
     fn client_mistakes_are_4xx_and_faults_5xx() {
@@ -99,7 +110,27 @@ mod tests {
             400
         );
         assert_eq!(Error::Deleted.status().as_u16(), 409);
-        assert_eq!(Error::ReadTimeout(1).status().as_u16(), 408);
+        assert_eq!(
+            Error::ReadTimeout(Duration::from_secs(1)).status().as_u16(),
+            408
+        );
         assert!(Error::Task("x".into()).status().is_server_error());
+    }
+
+    #[test]
+    fn a_timeout_is_said_with_its_fraction() {
+        let said = |d| Error::ReadTimeout(d).to_string();
+        assert_eq!(
+            said(Duration::from_secs(60)),
+            "no body data arrived for 60 seconds"
+        );
+        assert_eq!(
+            said(Duration::from_millis(500)),
+            "no body data arrived for 0.5 seconds"
+        );
+        assert_eq!(
+            said(Duration::from_millis(1250)),
+            "no body data arrived for 1.25 seconds"
+        );
     }
 }

@@ -1170,6 +1170,20 @@ fn replica_of_a_present_file_gets_302_and_keeps_the_connection() {
             r.describe()
         );
     }
+    // Other content under that name and hash is refused like any body that
+    // does not match its X-Content-SHA1, though the node has the name.
+    let mut wrong = body.clone();
+    wrong[0] ^= 1;
+    conn.send(&head).unwrap();
+    conn.send(&wrong).unwrap();
+    let r = conn.read_response(false).expect("answer to a wrong body");
+    assert_eq!(
+        r.status,
+        400,
+        "wrong body for a present name: {}",
+        r.describe()
+    );
+    assert!(r.text().contains("does not match"), "{}", r.describe());
     // The same connection still serves the file, unchanged.
     conn.send(&build_head(port, "GET", &loc, &[], None))
         .unwrap();

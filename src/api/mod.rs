@@ -285,9 +285,12 @@ impl Api {
                     Some(Err(e)) => return Err(e),
                     Some(Ok(())) => {
                         // Not under the lock: a stalled body must not hold
-                        // up a deletion or an upload of the name.
+                        // up a deletion or an upload of the name. A small
+                        // body is read (so the connection stays usable) and
+                        // checked like any other; a large one, or one the
+                        // client waits to send, is not asked for.
                         if small {
-                            self.drain(req.into_body()).await;
+                            self.check_body(req.into_body(), sha).await?;
                         }
                         return Ok(located(StatusCode::FOUND, &name));
                     }
@@ -346,7 +349,7 @@ impl Api {
         let timeout = self.config.read_timeout;
         loop {
             let frame = match tokio::time::timeout(timeout, body.frame()).await {
-                Err(_) => return Err(Error::ReadTimeout(timeout.as_secs())),
+                Err(_) => return Err(Error::ReadTimeout(timeout)),
                 Ok(None) => break,
                 Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
                 Ok(Some(Ok(frame))) => frame,
@@ -396,11 +399,31 @@ impl Api {
         Ok((temp, tail, hex(&hasher.finalize())))
     }
 
-    /// Read a body to its end and drop it. Gives up when it stalls or
-    /// breaks (the connection then closes): the answer is known already.
-    async fn drain(&self, mut body: Incoming) {
+    /// Read a small body to its end, keeping nothing, and check that its
+    /// SHA1 is `expected`.
+    async fn check_body(&self, mut body: Incoming, expected: &str) -> Result<(), Error> {
+        let mut hasher = Sha1::new();
         let timeout = self.config.read_timeout;
-        while let Ok(Some(Ok(_))) = tokio::time::timeout(timeout, body.frame()).await {}
+        loop {
+            match tokio::time::timeout(timeout, body.frame()).await {
+                Err(_) => return Err(Error::ReadTimeout(timeout)),
+                Ok(None) => break,
+                Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
+                Ok(Some(Ok(frame))) => {
+                    if let Ok(data) = frame.into_data() {
+                        hasher.update(&data);
+                    }
+                }
+            }
+        }
+        let actual = hex(&hasher.finalize());
+        if actual != expected {
+            return Err(Error::Sha1Mismatch {
+                expected: expected.to_string(),
+                actual,
+            });
+        }
+        Ok(())
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
