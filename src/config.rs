@@ -2,7 +2,7 @@
 //! into a `Config`. Owns nothing at run time; never opens files or sockets
 //! (except reading `--token-file`).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -357,8 +357,55 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         .ok_or_else(|| format!("{s:?} is too large"))
 }
 
+/// Where the state directory lies relative to the storage directory, both
+/// given as canonical paths.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StatePlace {
+    /// Neither inside the other (the state may hold the storage).
+    Apart,
+    /// The same directory: unusable, state files would be stored files.
+    Same,
+    /// In the storage directory's temporary area, which start-up empties.
+    InTemp,
+    /// Below the storage directory, at this relative name ('/'-separated).
+    Inside(String),
+}
+
+pub fn state_place(storage: &Path, queue: &Path, temp_dir: &str) -> StatePlace {
+    let Ok(rel) = queue.strip_prefix(storage) else {
+        return StatePlace::Apart;
+    };
+    let parts: Vec<String> = rel
+        .components()
+        .map(|c| c.as_os_str().to_string_lossy().into_owned())
+        .collect();
+    match parts.first() {
+        None => StatePlace::Same,
+        Some(first) if first == temp_dir => StatePlace::InTemp,
+        Some(_) => StatePlace::Inside(parts.join("/")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn state_directory_placement() {
+        use std::path::Path;
+        let place = |s: &str, q: &str| super::state_place(Path::new(s), Path::new(q), ".tmp");
+        assert_eq!(place("/d/data", "/d/queue"), super::StatePlace::Apart);
+        assert_eq!(place("/d/data", "/d/data2"), super::StatePlace::Apart);
+        assert_eq!(place("/d/data/x", "/d"), super::StatePlace::Apart);
+        assert_eq!(place("/d/data", "/d/data"), super::StatePlace::Same);
+        assert_eq!(
+            place("/d/data", "/d/data/.tmp/q"),
+            super::StatePlace::InTemp
+        );
+        assert_eq!(
+            place("/d/data", "/d/data/a/q"),
+            super::StatePlace::Inside("a/q".into())
+        );
+    }
+
     use super::*;
 
     #[test]

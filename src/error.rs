@@ -33,6 +33,8 @@ pub enum Error {
     MethodNotAllowed(&'static str),
     #[error("not found")]
     NotFound,
+    #[error("the name is inside this node's state directory")]
+    InStateDirectory,
     #[error("this name was deleted in the cluster and cannot be stored again")]
     Deleted,
     #[error(transparent)]
@@ -52,6 +54,7 @@ impl Error {
             | Error::Sha1Mismatch { .. }
             | Error::BadContentLength
             | Error::BodyRead(_)
+            | Error::InStateDirectory
             | Error::Store(StoreError::ParentNotDir | StoreError::NotAFile) => {
                 StatusCode::BAD_REQUEST
             }

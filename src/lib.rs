@@ -39,12 +39,18 @@ pub enum StartError {
     Replicate(#[from] replicate::ReplicateError),
     #[error("finishing interrupted deletions: {0}")]
     Recovery(String),
+    #[error("state directory {0}: {1}")]
+    Placement(PathBuf, &'static str),
+    #[error("state directory {0}: {1}")]
+    StateDir(PathBuf, std::io::Error),
 }
 
 /// Open the storage and state, finish what a crash interrupted, then serve
 /// and replicate until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let config = Arc::new(config);
+    // Before the storage is opened: opening it empties its temporary area.
+    let state_dir = state_dir_in_storage(&config)?;
     let store = Arc::new(
         store::Store::open(&config.storage)
             .map_err(|e| StartError::Storage(config.storage.clone(), e))?,
@@ -83,6 +89,7 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         locks,
         config.clone(),
         stats.clone(),
+        state_dir,
     ));
     api::server::serve(listener, api, &config, shutdown).await;
     for s in senders {
@@ -123,4 +130,36 @@ fn finish_deletions(store: &store::Store, state: &state::State) -> Result<(), St
         }
     }
     Ok(())
+}
+
+/// The state directory's name inside the storage directory, if it lies
+/// there (requests must not reach it). Refuses a state directory that is
+/// the storage directory itself or inside its temporary area.
+fn state_dir_in_storage(config: &Config) -> Result<Option<String>, StartError> {
+    let queue_err = |e| StartError::StateDir(config.queue.clone(), e);
+    std::fs::create_dir_all(&config.queue).map_err(queue_err)?;
+    let queue = std::fs::canonicalize(&config.queue).map_err(queue_err)?;
+    let storage_err = |e: std::io::Error| StartError::Storage(config.storage.clone(), e.into());
+    if !config.storage.exists() {
+        std::fs::create_dir_all(&config.storage).map_err(storage_err)?;
+    }
+    let storage = std::fs::canonicalize(&config.storage).map_err(storage_err)?;
+    match config::state_place(&storage, &queue, store::TEMP_DIR) {
+        config::StatePlace::Apart => Ok(None),
+        config::StatePlace::Same => Err(StartError::Placement(
+            config.queue.clone(),
+            "is the storage directory (--storage); give the state a directory of its own",
+        )),
+        config::StatePlace::InTemp => Err(StartError::Placement(
+            config.queue.clone(),
+            "is inside the storage directory's temporary area, which is emptied at start",
+        )),
+        config::StatePlace::Inside(name) => {
+            tracing::warn!(
+                "the state directory {} is inside the storage directory: cockatiel keeps requests out of /{name}, but a web server serving the storage directory directly would not",
+                config.queue.display()
+            );
+            Ok(Some(name))
+        }
+    }
 }

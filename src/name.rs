@@ -149,6 +149,13 @@ pub fn is_reserved(name: &str) -> bool {
     RESERVED.contains(&first)
 }
 
+/// True when `name` is `dir` or lies below it (`dir` given without a
+/// trailing slash).
+pub fn is_within(name: &str, dir: &str) -> bool {
+    name.strip_prefix(dir)
+        .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+}
+
 /// The parts of a name in stored form: `<stem>_<digits>_<sha1><ext>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StoredParts<'a> {
@@ -250,6 +257,16 @@ pub fn is_sha1_hex(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn within_a_directory_means_below_it_or_it() {
+        assert!(super::is_within("q", "q"));
+        assert!(super::is_within("q/state.redb", "q"));
+        assert!(super::is_within("a/q/x", "a/q"));
+        assert!(!super::is_within("qq/x", "q"));
+        assert!(!super::is_within("a/q", "q"));
+        assert!(!super::is_within("q.txt", "q"));
+    }
+
     use super::*;
 
     const SHA: &str = "da39a3ee5e6b4b0d3255bfef95601890afd80709";

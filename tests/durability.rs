@@ -528,3 +528,109 @@ fn delete_after_a_hung_up_upload_still_deletes() {
     assert!(!node.stored_path(&name).exists(), "on disk after restart");
     assert_eq!(node.put(&name, &body).status, 409, "the name stays deleted");
 }
+
+/// Kills the process it holds (by its pid) when dropped, also when a test fails.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_state_directory_inside_the_storage_is_out_of_reach() {
+    let dirs = tempfile::tempdir().unwrap();
+    let storage = dirs.path().join("data");
+    let queue = storage.join("state");
+    let port = free_port();
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        .args(["-p", &port.to_string(), "-H", "127.0.0.1", "--storage"])
+        .arg(&storage)
+        .arg("--queue")
+        .arg(&queue)
+        .env_remove("COCKATIEL_TOKEN")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(dirs.path().join("stderr")).unwrap())
+        .spawn()
+        .expect("spawn cockatiel");
+    let _node = KillOnDrop(child);
+    assert!(
+        wait_until(Duration::from_secs(10), || try_request(
+            port,
+            "GET",
+            "/_status",
+            &[],
+            b""
+        )
+        .is_ok_and(|r| r.status == 200)),
+        "node with its state inside its storage did not start: {}",
+        std::fs::read_to_string(dirs.path().join("stderr")).unwrap_or_default()
+    );
+    let stderr = std::fs::read_to_string(dirs.path().join("stderr")).unwrap_or_default();
+    assert!(
+        stderr.contains("inside the storage directory"),
+        "a warning says so: {stderr}"
+    );
+    let db: Vec<String> = std::fs::read_dir(&queue)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert!(!db.is_empty(), "the state directory holds the database");
+    for file in &db {
+        let path = format!("/state/{file}");
+        for method in ["GET", "HEAD"] {
+            let r = request(port, method, &path, &[], b"");
+            assert_eq!(r.status, 404, "{method} {path}: {}", r.describe());
+        }
+        let r = request(port, "DELETE", &path, &[], b"");
+        assert_eq!(r.status, 404, "DELETE {path}: {}", r.describe());
+        assert!(queue.join(file).exists(), "{file} is still there");
+    }
+    let r = request(port, "PUT", "/state/x.txt", &[], b"x");
+    assert_eq!(
+        r.status,
+        400,
+        "PUT into the state directory: {}",
+        r.describe()
+    );
+    assert_error_body(&r, "PUT into the state directory");
+    // Names beside it are ordinary names.
+    let r = request(port, "PUT", "/statement.txt", &[], b"x");
+    assert_eq!(r.status, 201, "{}", r.describe());
+    let loc = r.header("location").expect("location");
+    assert_eq!(request(port, "GET", &loc, &[], b"").body, b"x");
+}
+
+#[test]
+fn a_state_directory_that_is_the_storage_or_in_its_temp_area_is_refused() {
+    let dirs = tempfile::tempdir().unwrap();
+    let same = dirs.path().join("same");
+    let same = same.to_str().unwrap();
+    let port = free_port().to_string();
+    let (status, stderr) = run_expecting_exit(&["-p", &port, "--storage", same, "--queue", same]);
+    assert!(!status.success(), "{stderr}");
+    assert_eq!(stderr.trim().lines().count(), 1, "one line: {stderr}");
+    assert!(stderr.contains("is the storage directory"), "{stderr}");
+
+    let storage = dirs.path().join("data");
+    let in_temp = storage.join(".tmp").join("state");
+    std::fs::create_dir_all(&in_temp).unwrap();
+    std::fs::write(in_temp.join("keep"), b"k").unwrap();
+    let (status, stderr) = run_expecting_exit(&[
+        "-p",
+        &port,
+        "--storage",
+        storage.to_str().unwrap(),
+        "--queue",
+        in_temp.to_str().unwrap(),
+    ]);
+    assert!(!status.success(), "{stderr}");
+    assert!(stderr.contains("temporary area"), "{stderr}");
+    assert!(
+        in_temp.join("keep").exists(),
+        "refused before anything was emptied"
+    );
+}

@@ -61,6 +61,9 @@ pub struct Api {
     stats: Stats,
     server_header: HeaderValue,
     cache: Arc<FileCache<Arc<Hot>>>,
+    /// The state directory's name, when it lies inside the storage
+    /// directory: no request may reach it.
+    state_dir: Option<String>,
 }
 
 impl Api {
@@ -71,6 +74,7 @@ impl Api {
         locks: Arc<NameLocks>,
         config: Arc<Config>,
         stats: Stats,
+        state_dir: Option<String>,
     ) -> Api {
         let token_hash = config.token.as_deref().map(sha1_of);
         Api {
@@ -83,6 +87,7 @@ impl Api {
             locks,
             token_hash,
             stats,
+            state_dir,
             server_header: HeaderValue::from_static(concat!(
                 "cockatiel/",
                 env!("CARGO_PKG_VERSION")
@@ -134,14 +139,25 @@ impl Api {
                 _ => Err(Error::MethodNotAllowed(ALLOW_STATUS)),
             };
         }
+        let in_state_dir = self
+            .state_dir
+            .as_deref()
+            .is_some_and(|dir| name::is_within(&name, dir));
         match *req.method() {
+            Method::GET | Method::HEAD if in_state_dir => Err(Error::NotFound),
             Method::GET | Method::HEAD => self.get(&name, &req).await,
             Method::PUT => {
                 self.authorize(req.headers())?;
+                if in_state_dir {
+                    return Err(Error::InStateDirectory);
+                }
                 self.put(name, req).await
             }
             Method::DELETE => {
                 self.authorize(req.headers())?;
+                if in_state_dir {
+                    return Err(Error::NotFound);
+                }
                 self.delete(&name).await
             }
             _ => Err(Error::MethodNotAllowed(ALLOW_FILE)),
