@@ -95,6 +95,8 @@ pub async fn serve(
 /// `Server` header and a one-line reason, as SPEC wants of every error.
 struct Conn {
     inner: TcpStream,
+    /// The latest request read began with `HEAD`: its answer has no body.
+    head: bool,
     /// A replacement being written, and how many bytes of hyper's buffer it
     /// stands for (reported once all of it is written).
     pending: Option<(Vec<u8>, usize, usize)>,
@@ -104,6 +106,7 @@ impl Conn {
     fn new(inner: TcpStream) -> Conn {
         Conn {
             inner,
+            head: false,
             pending: None,
         }
     }
@@ -132,7 +135,14 @@ impl AsyncRead for Conn {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        // A read that starts with a method is (almost always) the start of
+        // a request; one that does not continues the request before.
+        if let Some(method) = request_method(&buf.filled()[before..]) {
+            self.head = method == b"HEAD";
+        }
+        polled
     }
 }
 
@@ -143,7 +153,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.pending.is_none() {
-            if let Some(replacement) = explain_bare_error(buf) {
+            if let Some(replacement) = explain_bare_error(buf, self.head) {
                 self.pending = Some((replacement, 0, buf.len()));
             }
         }
@@ -159,7 +169,7 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            if self.pending.is_some() || explain_bare_error(first).is_some() {
+            if self.pending.is_some() || explain_bare_error(first, self.head).is_some() {
                 return self.poll_write(cx, first);
             }
         }
@@ -179,10 +189,19 @@ impl AsyncWrite for Conn {
     }
 }
 
+/// The method token at the start of `bytes`, if they start like a request
+/// line (capital letters, then a space).
+fn request_method(bytes: &[u8]) -> Option<&[u8]> {
+    let len = bytes.iter().take(8).position(|&b| b == b' ')?;
+    let method = &bytes[..len];
+    (len > 0 && method.iter().all(u8::is_ascii_uppercase)).then_some(method)
+}
+
 /// If `buf` is a whole error response hyper wrote by itself (status 4xx or
 /// 5xx, no `Server` header, `content-length: 0`), the same response with
-/// our `Server` header and a one-line plain-text reason.
-fn explain_bare_error(buf: &[u8]) -> Option<Vec<u8>> {
+/// our `Server` header and a one-line plain-text reason (its length only,
+/// when it answers a HEAD request).
+fn explain_bare_error(buf: &[u8], to_head: bool) -> Option<Vec<u8>> {
     // Cheap first test: every other response fails it on its 10th byte.
     if buf.len() < 12 || !buf.starts_with(b"HTTP/1.1 ") || !matches!(buf[9], b'4' | b'5') {
         return None;
@@ -225,21 +244,23 @@ fn explain_bare_error(buf: &[u8]) -> Option<Vec<u8>> {
         out.push_str("\r\n");
         out.push_str(line);
     }
-    out.push_str(&format!(
-        "\r\ncontent-length: {}\r\n\r\n{reason}\n",
-        reason.len() + 1
-    ));
+    out.push_str(&format!("\r\ncontent-length: {}\r\n\r\n", reason.len() + 1));
+    if !to_head {
+        out.push_str(reason);
+        out.push('\n');
+    }
     Some(out.into_bytes())
 }
 
 #[cfg(test)]
 mod tests {
-    use super::explain_bare_error;
+    use super::{explain_bare_error, request_method};
 
     #[test]
     fn hyper_error_answers_get_a_server_header_and_a_reason() {
         let bare = b"HTTP/1.1 431 Request Header Fields Too Large\r\nconnection: close\r\ncontent-length: 0\r\ndate: Fri, 27 Nov 2026 15:34:18 GMT\r\n\r\n";
-        let fixed = String::from_utf8(explain_bare_error(bare).expect("rewritten")).expect("utf-8");
+        let fixed =
+            String::from_utf8(explain_bare_error(bare, false).expect("rewritten")).expect("utf-8");
         let (head, body) = fixed.split_once("\r\n\r\n").expect("a head");
         assert!(head.starts_with("HTTP/1.1 431 Request Header Fields Too Large\r\n"));
         assert!(head.contains(concat!("\r\nserver: cockatiel/", env!("CARGO_PKG_VERSION"))));
@@ -251,10 +272,32 @@ mod tests {
             "{body:?}"
         );
         let bad = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
-        let fixed = String::from_utf8(explain_bare_error(bad).expect("rewritten")).expect("utf-8");
+        let fixed =
+            String::from_utf8(explain_bare_error(bad, false).expect("rewritten")).expect("utf-8");
         assert!(fixed.ends_with(
             "\r\n\r\nmalformed request: the request line or a header could not be parsed\n"
         ));
+    }
+
+    #[test]
+    fn a_head_request_gets_the_reason_s_length_but_no_body() {
+        let bad = b"HTTP/1.1 400 Bad Request\r\nconnection: close\r\ncontent-length: 0\r\n\r\n";
+        let fixed =
+            String::from_utf8(explain_bare_error(bad, true).expect("rewritten")).expect("utf-8");
+        assert!(fixed.contains("\r\nserver: cockatiel/"));
+        assert!(fixed.ends_with("\r\n\r\n"), "{fixed:?}");
+        assert!(!fixed.contains("content-length: 0"), "{fixed:?}");
+    }
+
+    #[test]
+    fn a_read_starting_with_a_method_starts_a_request() {
+        assert_eq!(request_method(b"HEAD /x HTTP/1.1\r\n"), Some(&b"HEAD"[..]));
+        assert_eq!(request_method(b"GET / HTTP/1.1"), Some(&b"GET"[..]));
+        assert_eq!(request_method(b"DELETE /a"), Some(&b"DELETE"[..]));
+        assert_eq!(request_method(b"tinue\r\nHost: x"), None);
+        assert_eq!(request_method(b" HEAD"), None);
+        assert_eq!(request_method(b"HEA"), None);
+        assert_eq!(request_method(b""), None);
     }
 
     #[test]
@@ -269,7 +312,7 @@ mod tests {
             b"",
             b"HTTP/1.1 4",
         ] {
-            assert_eq!(explain_bare_error(ours), None, "{:?}", String::from_utf8_lossy(ours));
+            assert_eq!(explain_bare_error(ours, false), None, "{:?}", String::from_utf8_lossy(ours));
         }
     }
 }
