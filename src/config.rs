@@ -192,6 +192,8 @@ pub struct Config {
     pub url: Option<String>,
     /// Neighbours, normalised, without this node's own URL, without duplicates.
     pub neighbours: Vec<String>,
+    /// Each neighbour as `--node` first gave it (`/_status` names it so).
+    pub neighbours_as_given: Vec<String>,
     pub proxy: Option<String>,
     pub verbose: u8,
     pub read_timeout: Duration,
@@ -229,18 +231,31 @@ pub enum ConfigError {
     Bench(String),
 }
 
+impl Config {
+    /// A neighbour (normalised) as `--node` gave it.
+    pub fn neighbour_as_given<'a>(&'a self, neighbour: &'a str) -> &'a str {
+        self.neighbours
+            .iter()
+            .position(|n| n == neighbour)
+            .and_then(|i| self.neighbours_as_given.get(i))
+            .map_or(neighbour, String::as_str)
+    }
+}
+
 impl Cli {
     /// Check the flags and derive the running configuration.
     pub fn into_config(self) -> Result<Config, ConfigError> {
         let url = self.url.as_deref().map(normalize_url).transpose()?;
         let mut neighbours: Vec<String> = Vec::new();
-        for node in &self.nodes {
-            let node = normalize_url(node)?;
+        let mut neighbours_as_given: Vec<String> = Vec::new();
+        for given in &self.nodes {
+            let node = normalize_url(given)?;
             if !node.starts_with("http://") && Some(&node) != url.as_ref() {
                 return Err(ConfigError::NotHttp(node));
             }
             if Some(&node) != url.as_ref() && !neighbours.contains(&node) {
                 neighbours.push(node);
+                neighbours_as_given.push(given.trim().to_string());
             }
         }
         let proxy = self.proxy.as_deref().map(normalize_url).transpose()?;
@@ -286,6 +301,7 @@ impl Cli {
             queue: self.queue,
             url,
             neighbours,
+            neighbours_as_given,
             proxy,
             verbose: self.verbose,
             read_timeout: self.read_timeout,
@@ -467,6 +483,17 @@ mod tests {
         ]);
         let config = cli.into_config().unwrap();
         assert_eq!(config.neighbours, vec!["http://127.0.0.1:2".to_string()]);
+        assert_eq!(
+            config.neighbour_as_given("http://127.0.0.1:2"),
+            "http://127.0.0.1:2"
+        );
+        let cli = Cli::parse_from(["cockatiel", "--node", "http://LocalHost:9001/"]);
+        let config = cli.into_config().unwrap();
+        assert_eq!(config.neighbours, vec!["http://localhost:9001".to_string()]);
+        assert_eq!(
+            config.neighbour_as_given("http://localhost:9001"),
+            "http://LocalHost:9001/"
+        );
     }
 
     #[test]

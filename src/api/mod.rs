@@ -496,7 +496,12 @@ impl Api {
                 obj.insert("in_flight".into(), s.in_flight.into());
                 obj.insert("retry_in_seconds".into(), s.retry_in.into());
             }
-            map.insert(q.neighbour, entry);
+            // Named as the operator wrote it, so that it can be looked up
+            // with the same string.
+            map.insert(
+                self.config.neighbour_as_given(&q.neighbour).to_string(),
+                entry,
+            );
         }
         let body = serde_json::json!({
             "queues": map,
