@@ -106,6 +106,25 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   change, idle RSS 7.4 → 15.4 MiB); saving positions once a second
   instead of at each catch-up (no change). Leaving out the state
   database's flush (a measurement only) gave +10%.
+  The `per_file` disk limit above is higher than `shared_syncfs`, so the
+  per-upload structure was tried in the server too: each upload on the
+  blocking pool writes and `fdatasync`s its temp file while the state
+  commits, renames, then waits for a shared `syncfs` (one A/B harness run,
+  3 each): put_small 4,674–5,141 against 5,697–5,941 req/s, server CPU
+  128–141 against 65–68 µs per request, replicate 1,189 against 1,609
+  files/s. On this machine the kernel's writeback runs in the caller, on
+  the one server core; the flushes it saves cost more CPU than they free.
+  perf on the server core during an 8,000-file replicate on loop ext4:
+  55% of the samples in the kernel (TCP on loopback and file opens in the
+  async workers 23%, `syncfs` writeback and journal in the ingest thread
+  18%, the loop device and flush workers 8%; within those, 11% where
+  interrupts are enabled again, `_raw_spin_unlock_irqrestore`, which
+  carries I/O completions and wake-ups, and 3% notifying the virtual
+  disk, `iowrite16`), 27% user space in the async workers, 8% in the
+  state database, 5% malloc.
+  So replicate at 16 clients is bounded by the chain of two ordered
+  flushes (content before name, name before 201) on a disk that both
+  nodes share, plus one core that both nodes and the kernel's I/O share.
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
   page cache (~44%) while writeback runs; the durable `dd` above, which
   does neither, is no faster. O_DIRECT gave 489 MB/s but left the file out
