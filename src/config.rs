@@ -65,12 +65,17 @@ pub struct Cli {
     /// Most connections served at once; further ones wait to be accepted.
     #[arg(long, default_value_t = 4096)]
     pub max_connections: usize,
-    /// Bearer token required for PUT and DELETE (also COCKATIEL_TOKEN).
-    #[arg(long, env = "COCKATIEL_TOKEN", hide_env_values = true)]
+    /// Bearer token required for PUT and DELETE [env: COCKATIEL_TOKEN; a
+    /// flag, this or --token-file, wins over the environment].
+    #[arg(long)]
     pub token: Option<String>,
     /// File whose first line is the token.
     #[arg(long, conflicts_with = "token")]
     pub token_file: Option<PathBuf>,
+    /// The token from the environment (`COCKATIEL_TOKEN`), used when neither
+    /// flag gives one; the caller fills it in.
+    #[arg(skip)]
+    pub env_token: Option<String>,
     /// Seconds to connect to a neighbour.
     #[arg(long, default_value = "5", value_parser = parse_seconds)]
     pub connect_timeout: Duration,
@@ -269,7 +274,7 @@ impl Cli {
                     .map_err(|e| ConfigError::TokenFile(path.clone(), e))?;
                 Some(text.lines().next().unwrap_or("").trim().to_string())
             }
-            (None, None) => None,
+            (None, None) => self.env_token.map(|t| t.trim().to_string()),
         };
         if token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::EmptyToken);
@@ -494,6 +499,34 @@ mod tests {
             config.neighbour_as_given("http://localhost:9001"),
             "http://LocalHost:9001/"
         );
+    }
+
+    #[test]
+    fn a_token_flag_wins_over_the_environment() {
+        let mut cli = Cli::parse_from(["cockatiel"]);
+        cli.env_token = Some(" from-env ".into());
+        assert_eq!(
+            cli.into_config().unwrap().token.as_deref(),
+            Some("from-env")
+        );
+        let mut cli = Cli::parse_from(["cockatiel", "--token", "from-flag"]);
+        cli.env_token = Some("from-env".into());
+        assert_eq!(
+            cli.into_config().unwrap().token.as_deref(),
+            Some("from-flag")
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("token");
+        std::fs::write(&file, "from-file\n").unwrap();
+        let mut cli = Cli::parse_from(["cockatiel", "--token-file", file.to_str().unwrap()]);
+        cli.env_token = Some("from-env".into());
+        assert_eq!(
+            cli.into_config().unwrap().token.as_deref(),
+            Some("from-file")
+        );
+        let mut cli = Cli::parse_from(["cockatiel"]);
+        cli.env_token = Some(" ".into());
+        assert!(cli.into_config().is_err(), "an empty token is refused");
     }
 
     #[test]

@@ -24,6 +24,14 @@ fn main() -> ExitCode {
     if let Some(Command::Bench(args)) = cli.command.take() {
         return bench(args);
     }
+    cli.env_token = match std::env::var("COCKATIEL_TOKEN") {
+        Ok(token) => Some(token),
+        Err(std::env::VarError::NotPresent) => None,
+        Err(std::env::VarError::NotUnicode(_)) => {
+            eprintln!("cockatiel: COCKATIEL_TOKEN is not valid UTF-8");
+            return ExitCode::from(2);
+        }
+    };
     let config = match cli.into_config() {
         Ok(c) => c,
         Err(e) => {

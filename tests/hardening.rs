@@ -313,9 +313,17 @@ fn token_file_guards_writes() {
     let secret = "from-a-file-7";
     fs::write(&path, format!("{secret}\n")).unwrap();
     let (args, dead) = with_dead_neighbour(&["-v", "--token-file", path.to_str().unwrap()]);
-    let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let node = Node::start(&args);
-    check_token_enforced(&node, secret, &dead);
+    // A flag wins over the environment.
+    let env = EnvNode::start("127.0.0.1", &args, &[("COCKATIEL_TOKEN", "from-the-env")]);
+    let r = request(
+        env.node.port(),
+        "PUT",
+        "/env.txt",
+        &[("Authorization", "Bearer from-the-env")],
+        b"x",
+    );
+    assert_eq!(r.status, 401, "the environment's token: {}", r.describe());
+    check_token_enforced(&env.node, secret, &dead);
 }
 
 #[test]
