@@ -400,6 +400,8 @@ fn range_requests() {
         ("bytes=-4", "bytes 6-9/10", b"6789"),
         ("bytes=9-9", "bytes 9-9/10", b"9"),
         ("bytes=8-100", "bytes 8-9/10", b"89"),
+        // Several ranges close together come as one part covering them.
+        ("bytes=0-1,3-4", "bytes 0-4/10", b"01234"),
     ] {
         let r = node.req("GET", &loc, &[("Range", range)], b"");
         assert_eq!(r.status, 206, "Range: {range}: {}", r.describe());

@@ -5,7 +5,7 @@
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RangeAnswer {
     /// Ignore the header and send the whole file (invalid syntax, other
-    /// units, or several ranges that do not merge into one).
+    /// units, or several ranges too far apart to send as one).
     Full,
     /// 206 with bytes `start..=end`.
     Partial { start: u64, end: u64 },
@@ -15,6 +15,11 @@ pub enum RangeAnswer {
 
 /// More ranges than this in one header is abuse; the header is ignored.
 const MAX_RANGES: usize = 64;
+
+/// Ranges separated by at most this many bytes are sent as one: less than
+/// the part headers of a multipart answer would cost (RFC 9110 §14.2 lets
+/// a server coalesce such ranges).
+const COALESCE_GAP: u64 = 80;
 
 /// Evaluate a `Range` header value for a file of `len` bytes.
 pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
@@ -48,12 +53,13 @@ pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
     if ranges.is_empty() {
         return RangeAnswer::Unsatisfiable;
     }
-    // Several ranges are served only when they merge into one; otherwise
-    // the whole file (RFC 9110 lets a server ignore Range).
+    // Several ranges are served as one when they overlap or lie close
+    // together; otherwise the whole file (RFC 9110 lets a server ignore
+    // Range; no multipart answers).
     ranges.sort_unstable();
     let (start, mut end) = ranges[0];
     for &(s, e) in &ranges[1..] {
-        if s > end.saturating_add(1) {
+        if s > end.saturating_add(1).saturating_add(COALESCE_GAP) {
             return RangeAnswer::Full;
         }
         end = end.max(e);
@@ -162,7 +168,16 @@ mod tests {
             evaluate("bytes=0-1,50-60", 10),
             Partial { start: 0, end: 1 }
         );
-        assert_eq!(evaluate("bytes=0-1,5-6", 10), Full);
+        // Close together: one part covering both.
+        assert_eq!(evaluate("bytes=0-1,5-6", 10), Partial { start: 0, end: 6 });
+        assert_eq!(evaluate("bytes=0-1,3-4", 6), Partial { start: 0, end: 4 });
+        assert_eq!(
+            evaluate("bytes=0-0,81-90", 1000),
+            Partial { start: 0, end: 90 }
+        );
+        // Farther apart: the whole file.
+        assert_eq!(evaluate("bytes=0-0,82-90", 1000), Full);
+        assert_eq!(evaluate("bytes=0-9,500-509", 1000), Full);
         let many = format!("bytes={}", vec!["0-1"; 65].join(","));
         assert_eq!(evaluate(&many, 10), Full);
     }
