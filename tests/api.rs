@@ -389,6 +389,70 @@ fn if_none_match() {
     }
 }
 
+/// The parts of a `multipart/byteranges` body: (Content-Range, bytes).
+fn byteranges(r: &Response) -> Vec<(String, Vec<u8>)> {
+    let ct = r.header("content-type").unwrap_or_default();
+    let boundary = ct
+        .strip_prefix("multipart/byteranges; boundary=")
+        .unwrap_or_else(|| panic!("not multipart/byteranges: {}", r.describe()));
+    let delimiter = format!("\r\n--{boundary}");
+    let text = &r.body;
+    let find = |from: usize, what: &[u8]| {
+        text[from..]
+            .windows(what.len())
+            .position(|w| w == what)
+            .map(|p| p + from)
+    };
+    let mut parts = Vec::new();
+    let mut at = find(0, delimiter.as_bytes()).expect("first delimiter");
+    assert_eq!(at, 0, "the body starts with its first delimiter");
+    loop {
+        at += delimiter.len();
+        if text[at..].starts_with(b"--\r\n") {
+            assert_eq!(at + 4, text.len(), "nothing after the closing delimiter");
+            return parts;
+        }
+        let head_end = find(at, b"\r\n\r\n").expect("part head");
+        let head = String::from_utf8_lossy(&text[at..head_end]).into_owned();
+        let range = head
+            .lines()
+            .find_map(|l| l.strip_prefix("Content-Range: "))
+            .unwrap_or_else(|| panic!("part without Content-Range: {head:?}"))
+            .to_string();
+        let next = find(head_end + 4, delimiter.as_bytes()).expect("next delimiter");
+        parts.push((range, text[head_end + 4..next].to_vec()));
+        at = next;
+    }
+}
+
+#[test]
+fn ranges_far_apart_come_as_multipart_byteranges() {
+    let node = Node::start(&[]);
+    // A small file (answered from memory) and one streamed from disk.
+    for size in [1000usize, 300 * 1024] {
+        let body = Rng::new(size as u64).bytes(size);
+        let loc = node.put_ok(&format!("/parts-{size}.bin"), &body);
+        let last = size - 1;
+        let r = node.req("GET", &loc, &[("Range", "bytes=500-509,0-1,-3,2-4")], b"");
+        assert_eq!(r.status, 206, "{}", r.describe());
+        assert_eq!(r.header("content-length"), Some(r.body.len().to_string()));
+        assert!(r.header("content-range").is_none(), "{}", r.describe());
+        let parts = byteranges(&r);
+        let want: Vec<(String, Vec<u8>)> = vec![
+            (format!("bytes 0-4/{size}"), body[0..5].to_vec()),
+            (format!("bytes 500-509/{size}"), body[500..510].to_vec()),
+            (
+                format!("bytes {}-{last}/{size}", size - 3),
+                body[size - 3..].to_vec(),
+            ),
+        ];
+        assert_eq!(parts, want, "size {size}");
+        // HEAD ignores Range, as RFC 9110 says.
+        let r = node.req("HEAD", &loc, &[("Range", "bytes=0-1,500-509")], b"");
+        assert_eq!(r.status, 200, "{}", r.describe());
+    }
+}
+
 #[test]
 fn range_requests() {
     let node = Node::start(&[]);

@@ -646,6 +646,9 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
                     (start, end) = (s, e);
                     headers.insert(header::CONTENT_RANGE, hv(&format!("bytes {s}-{e}/{len}")));
                 }
+                range::RangeAnswer::Several(parts) => {
+                    return multipart(meta, source, &parts, headers);
+                }
                 range::RangeAnswer::Unsatisfiable => {
                     let mut resp = text(
                         StatusCode::RANGE_NOT_SATISFIABLE,
@@ -672,6 +675,88 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     };
     let mut resp = Response::new(body);
     *resp.status_mut() = status;
+    *resp.headers_mut() = headers;
+    resp
+}
+
+/// A 206 `multipart/byteranges` answer (RFC 9110 §14.6): each part with
+/// its own Content-Type and Content-Range. `headers` are the file's.
+fn multipart(
+    meta: &FileMeta,
+    source: Source,
+    parts: &[(u64, u64)],
+    mut headers: HeaderMap,
+) -> Response<Body> {
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let nanos = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.subsec_nanos());
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let boundary = format!("cockatiel-{nanos:08x}{n:016x}");
+    let len = meta.len;
+    let heads: Vec<Bytes> = parts
+        .iter()
+        .map(|(s, e)| {
+            Bytes::from(format!(
+                "\r\n--{boundary}\r\nContent-Type: {}\r\nContent-Range: bytes {s}-{e}/{len}\r\n\r\n",
+                meta.mime
+            ))
+        })
+        .collect();
+    let tail = Bytes::from(format!("\r\n--{boundary}--\r\n"));
+    let total = heads.iter().map(|h| h.len() as u64).sum::<u64>()
+        + parts.iter().map(|(s, e)| e - s + 1).sum::<u64>()
+        + tail.len() as u64;
+    let body = match source {
+        Source::Bytes(bytes) => {
+            let mut out = Vec::with_capacity(usize::try_from(total).unwrap_or(0));
+            for (head, &(s, e)) in heads.iter().zip(parts) {
+                out.extend_from_slice(head);
+                out.extend_from_slice(&bytes[s as usize..=e as usize]);
+            }
+            out.extend_from_slice(&tail);
+            Full::new(Bytes::from(out))
+                .map_err(|never| match never {})
+                .boxed()
+        }
+        Source::File(file) => {
+            // One descriptor per part (reads are positional); without them,
+            // the whole file.
+            let files: Result<Vec<std::fs::File>, _> =
+                parts.iter().map(|_| file.try_clone()).collect();
+            let Ok(files) = files else {
+                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
+                let mut resp = Response::new(file_body(file, 0, len));
+                *resp.headers_mut() = headers;
+                return resp;
+            };
+            type Piece = std::pin::Pin<
+                Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync>,
+            >;
+            let mut pieces: Vec<Piece> = Vec::with_capacity(parts.len() * 2 + 1);
+            for ((head, &(s, e)), f) in heads.into_iter().zip(parts).zip(files) {
+                pieces.push(Box::pin(futures_util::stream::once(std::future::ready(
+                    Ok(head),
+                ))));
+                pieces.push(Box::pin(crate::store::file_stream(f, s, e - s + 1)));
+            }
+            pieces.push(Box::pin(futures_util::stream::once(std::future::ready(
+                Ok(tail),
+            ))));
+            BodyExt::boxed(StreamBody::new(
+                futures_util::stream::iter(pieces)
+                    .flatten()
+                    .map(|r| r.map(Frame::data)),
+            ))
+        }
+    };
+    headers.insert(
+        header::CONTENT_TYPE,
+        hv(&format!("multipart/byteranges; boundary={boundary}")),
+    );
+    headers.insert(header::CONTENT_LENGTH, HeaderValue::from(total));
+    let mut resp = Response::new(body);
+    *resp.status_mut() = StatusCode::PARTIAL_CONTENT;
     *resp.headers_mut() = headers;
     resp
 }

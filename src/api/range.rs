@@ -2,13 +2,16 @@
 //! length into what to send. Pure; the handler does the I/O.
 
 /// What to answer for a `Range` header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum RangeAnswer {
     /// Ignore the header and send the whole file (invalid syntax, other
-    /// units, or several ranges too far apart to send as one).
+    /// units, too many ranges).
     Full,
     /// 206 with bytes `start..=end`.
     Partial { start: u64, end: u64 },
+    /// 206 `multipart/byteranges` with these parts (`start`, `end`
+    /// inclusive), in file order, none overlapping or close together.
+    Several(Vec<(u64, u64)>),
     /// 416: no range overlaps the file.
     Unsatisfiable,
 }
@@ -53,18 +56,25 @@ pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
     if ranges.is_empty() {
         return RangeAnswer::Unsatisfiable;
     }
-    // Several ranges are served as one when they overlap or lie close
-    // together; otherwise the whole file (RFC 9110 lets a server ignore
-    // Range; no multipart answers).
+    // Ranges that overlap or lie close together become one part (RFC 9110
+    // §14.2 lets a server coalesce them, and sort them as it does so).
     ranges.sort_unstable();
-    let (start, mut end) = ranges[0];
-    for &(s, e) in &ranges[1..] {
-        if s > end.saturating_add(1).saturating_add(COALESCE_GAP) {
-            return RangeAnswer::Full;
+    let mut parts: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
+    for (s, e) in ranges {
+        match parts.last_mut() {
+            Some((_, end)) if s <= end.saturating_add(1).saturating_add(COALESCE_GAP) => {
+                *end = (*end).max(e);
+            }
+            _ => parts.push((s, e)),
         }
-        end = end.max(e);
     }
-    RangeAnswer::Partial { start, end }
+    match parts.as_slice() {
+        [(start, end)] => RangeAnswer::Partial {
+            start: *start,
+            end: *end,
+        },
+        _ => RangeAnswer::Several(parts),
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -161,7 +171,7 @@ mod tests {
     }
 
     #[test]
-    fn multiple_ranges_merge_or_fall_back_to_full() {
+    fn multiple_ranges_merge_or_come_as_parts() {
         assert_eq!(evaluate("bytes=0-1,2-3", 10), Partial { start: 0, end: 3 });
         assert_eq!(evaluate("bytes=4-6,0-5", 10), Partial { start: 0, end: 6 });
         assert_eq!(
@@ -175,9 +185,15 @@ mod tests {
             evaluate("bytes=0-0,81-90", 1000),
             Partial { start: 0, end: 90 }
         );
-        // Farther apart: the whole file.
-        assert_eq!(evaluate("bytes=0-0,82-90", 1000), Full);
-        assert_eq!(evaluate("bytes=0-9,500-509", 1000), Full);
+        // Farther apart: parts of their own, in file order.
+        assert_eq!(
+            evaluate("bytes=0-0,82-90", 1000),
+            Several(vec![(0, 0), (82, 90)])
+        );
+        assert_eq!(
+            evaluate("bytes=500-509,0-9,505-600", 1000),
+            Several(vec![(0, 9), (500, 600)])
+        );
         let many = format!("bytes={}", vec!["0-1"; 65].join(","));
         assert_eq!(evaluate(&many, 10), Full);
     }
@@ -232,6 +248,15 @@ mod proptests {
             RangeAnswer::Partial { start, end } => {
                 assert!(start <= end, "{header:?} len {len}: {start}-{end}");
                 assert!(end < len, "{header:?} len {len}: {start}-{end}");
+            }
+            RangeAnswer::Several(parts) => {
+                assert!(parts.len() >= 2, "{header:?}: {parts:?}");
+                for w in parts.windows(2) {
+                    assert!(w[0].1 + 1 + COALESCE_GAP < w[1].0, "{header:?}: {parts:?}");
+                }
+                for &(start, end) in &parts {
+                    assert!(start <= end && end < len, "{header:?} len {len}: {parts:?}");
+                }
             }
             RangeAnswer::Full | RangeAnswer::Unsatisfiable => {}
         }
