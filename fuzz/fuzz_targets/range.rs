@@ -1,4 +1,5 @@
-//! `Range` evaluation: never panics, and a partial answer lies in the file.
+//! `Range` evaluation: never panics, and every part of an answer lies in
+//! the file, in order, without overlap.
 #![no_main]
 
 use cockatiel::api::range::{evaluate, RangeAnswer};
@@ -7,11 +8,16 @@ use libfuzzer_sys::fuzz_target;
 fuzz_target!(|input: (u64, &str)| {
     let (len, header) = input;
     for len in [len, len % 1024] {
-        if let RangeAnswer::Partial { start, end } = evaluate(header, len) {
-            assert!(
-                start <= end && end < len,
-                "{header:?} len {len}: {start}-{end}"
-            );
+        let parts = match evaluate(header, len) {
+            RangeAnswer::Partial { start, end } => vec![(start, end)],
+            RangeAnswer::Several(parts) => parts,
+            RangeAnswer::Full | RangeAnswer::Unsatisfiable => continue,
+        };
+        for &(start, end) in &parts {
+            assert!(start <= end && end < len, "{header:?} len {len}: {parts:?}");
+        }
+        for w in parts.windows(2) {
+            assert!(w[0].1 < w[1].0, "{header:?} len {len}: {parts:?}");
         }
     }
 });
