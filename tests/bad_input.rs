@@ -530,3 +530,80 @@ fn token_from_file() {
     let node = Node::start(&["--token-file", path.to_str().unwrap()]);
     check_token_protection(&node, "file-token-123");
 }
+
+/// Stored bytes are served as they are, even when they look like the bare
+/// error answer the HTTP layer writes for an unparseable request (which the
+/// connection gives our Server header and a reason before the first
+/// request is served).
+#[test]
+fn stored_bytes_that_look_like_an_error_answer_are_served_as_stored() {
+    let node = Node::start(&[]);
+    let bare = b"HTTP/1.1 400 Bad Request\r\ncontent-length: 0\r\n\r\n";
+    // Over 128 KiB, so streamed from disk in chunks: the whole file, and
+    // a file holding such an answer in its middle.
+    let mut whole = b"HTTP/1.1 400 Bad Request\r\nx-pad: ".to_vec();
+    whole.extend(std::iter::repeat_n(b'a', 200 * 1024));
+    whole.extend_from_slice(b"\r\ncontent-length: 0\r\n\r\n");
+    let mut middle = Rng::new(7).bytes(300 * 1024);
+    let at = 150_000;
+    middle[at..at + bare.len()].copy_from_slice(bare);
+    for (what, body, range) in [
+        ("whole file", &whole, None),
+        (
+            "a range of the file",
+            &middle,
+            Some((at, at + bare.len() - 1)),
+        ),
+    ] {
+        let loc = node.put_ok(&format!("/look-alike-{}.bin", body.len()), body);
+        let range_header = range.map(|(a, b)| format!("Range: bytes={a}-{b}\r\n"));
+        let req = format!(
+            "GET {loc} HTTP/1.1\r\nHost: x\r\n{}\r\nGET /_status HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            range_header.unwrap_or_default()
+        );
+        let mut conn = Conn::open(node.port());
+        conn.send(req.as_bytes()).unwrap();
+        let r = conn.read_response(false).expect("the file");
+        let want: &[u8] = match range {
+            Some((a, b)) => &body[a..=b],
+            None => body,
+        };
+        assert_eq!(r.status, if range.is_some() { 206 } else { 200 }, "{what}");
+        assert!(r.body == want, "{what}: the bytes changed on the way");
+        // The next answer on the connection is the real one.
+        let next = conn.read_response(false).expect("the pipelined /_status");
+        assert_eq!(next.status, 200, "{what}: {}", next.describe());
+        assert!(
+            next.text().contains("\"queues\""),
+            "{what}: {}",
+            next.describe()
+        );
+        assert!(
+            conn.wait_closed(Duration::from_secs(10)).unwrap(),
+            "{what}: closed"
+        );
+        assert!(
+            conn.buffered().is_empty(),
+            "{what}: nothing after the last answer"
+        );
+    }
+}
+
+/// A request line that cannot be parsed, sent as a HEAD, gets the status
+/// and our headers but no body (HEAD answers have none).
+#[test]
+fn an_unparseable_head_request_gets_no_body() {
+    let node = Node::start(&[]);
+    let mut conn = Conn::open(node.port());
+    conn.send(b"HEAD /x HTTP/1.1\r\nHost: x\r\nno colon here\r\n\r\n")
+        .unwrap();
+    let r = conn.read_response(true).expect("an answer");
+    assert_eq!(r.status, 400, "{}", r.describe());
+    assert_server_header(&r, "400 to HEAD");
+    assert!(conn.wait_closed(Duration::from_secs(10)).unwrap());
+    assert!(
+        conn.buffered().is_empty(),
+        "no body after a HEAD answer: {:?}",
+        String::from_utf8_lossy(conn.buffered())
+    );
+}

@@ -9,6 +9,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -67,12 +68,15 @@ pub async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let api = api.clone();
+        let served = Arc::new(AtomicBool::new(false));
+        let io = Conn::new(stream, served.clone());
         let service = service_fn(move |req| {
+            // From now on every byte written may be ours (see `Conn`).
+            served.store(true, Ordering::Relaxed);
             let api = api.clone();
             async move { Ok::<_, Infallible>(api.handle(req).await) }
         });
-        let conn =
-            graceful.watch(builder.serve_connection(TokioIo::new(Conn::new(stream)), service));
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(io), service));
         tokio::spawn(async move {
             if let Err(e) = conn.await {
                 tracing::debug!("connection ended: {e}");
@@ -89,13 +93,20 @@ pub async fn serve(
     }
 }
 
-/// A connection whose outgoing bytes pass through unchanged, except a
-/// response hyper wrote by itself (no `Server` header, empty body: a request
-/// it could not parse), which is replaced by the same status with our
-/// `Server` header and a one-line reason, as SPEC wants of every error.
+/// A connection whose outgoing bytes pass through unchanged, except the
+/// answer hyper writes by itself when the first request on the connection
+/// cannot be parsed (no `Server` header, empty body), which is replaced by
+/// the same status with our `Server` header and a one-line reason, as SPEC
+/// wants of every error. Only before the service has been called: after
+/// that, bytes written may be a stored file's, whatever they look like,
+/// and a later unparseable request keeps hyper's bare answer.
 struct Conn {
     inner: TcpStream,
-    /// The latest request read began with `HEAD`: its answer has no body.
+    /// Set by the service when it is first called on this connection.
+    served: Arc<AtomicBool>,
+    /// Nothing has been read yet.
+    fresh: bool,
+    /// The first request began with `HEAD`: its answer has no body.
     head: bool,
     /// A replacement being written, and how many bytes of hyper's buffer it
     /// stands for (reported once all of it is written).
@@ -103,12 +114,22 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(inner: TcpStream) -> Conn {
+    fn new(inner: TcpStream, served: Arc<AtomicBool>) -> Conn {
         Conn {
             inner,
+            served,
+            fresh: true,
             head: false,
             pending: None,
         }
+    }
+
+    /// The bare error hyper is writing, explained; `None` for anything else.
+    fn explain(&self, buf: &[u8]) -> Option<Vec<u8>> {
+        if self.served.load(Ordering::Relaxed) {
+            return None;
+        }
+        explain_bare_error(buf, self.head)
     }
 
     fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
@@ -137,10 +158,11 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        // A read that starts with a method is (almost always) the start of
-        // a request; one that does not continues the request before.
-        if let Some(method) = request_method(&buf.filled()[before..]) {
-            self.head = method == b"HEAD";
+        let read = &buf.filled()[before..];
+        if self.fresh && !read.is_empty() {
+            // The first bytes of a connection start its first request.
+            self.fresh = false;
+            self.head = request_method(read) == Some(&b"HEAD"[..]);
         }
         polled
     }
@@ -153,7 +175,7 @@ impl AsyncWrite for Conn {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         if self.pending.is_none() {
-            if let Some(replacement) = explain_bare_error(buf, self.head) {
+            if let Some(replacement) = self.explain(buf) {
                 self.pending = Some((replacement, 0, buf.len()));
             }
         }
@@ -169,7 +191,7 @@ impl AsyncWrite for Conn {
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
         if let Some(first) = bufs.iter().find(|b| !b.is_empty()) {
-            if self.pending.is_some() || explain_bare_error(first, self.head).is_some() {
+            if self.pending.is_some() || self.explain(first).is_some() {
                 return self.poll_write(cx, first);
             }
         }
