@@ -33,7 +33,7 @@ pub enum Error {
     MethodNotAllowed(&'static str),
     #[error("not found")]
     NotFound,
-    #[error("the name is inside this node's state directory")]
+    #[error("the name is inside this node's state directory and can never be stored here")]
     InStateDirectory,
     #[error("this name was deleted in the cluster and cannot be stored again")]
     Deleted,
@@ -54,7 +54,6 @@ impl Error {
             | Error::Sha1Mismatch { .. }
             | Error::BadContentLength
             | Error::BodyRead(_)
-            | Error::InStateDirectory
             | Error::Store(StoreError::ParentNotDir | StoreError::NotAFile) => {
                 StatusCode::BAD_REQUEST
             }
@@ -64,7 +63,9 @@ impl Error {
             Error::Unauthorized => StatusCode::UNAUTHORIZED,
             Error::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             Error::NotFound => StatusCode::NOT_FOUND,
-            Error::Deleted => StatusCode::CONFLICT,
+            // 409 like a deleted name: a neighbour sending it accepts the
+            // answer instead of retrying for ever.
+            Error::Deleted | Error::InStateDirectory => StatusCode::CONFLICT,
             Error::Store(StoreError::DiskFull) => StatusCode::INSUFFICIENT_STORAGE,
             Error::Store(StoreError::Io(_)) | Error::State(_) | Error::Task(_) => {
                 StatusCode::INTERNAL_SERVER_ERROR

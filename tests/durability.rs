@@ -589,19 +589,37 @@ fn a_state_directory_inside_the_storage_is_out_of_reach() {
         assert_eq!(r.status, 404, "DELETE {path}: {}", r.describe());
         assert!(queue.join(file).exists(), "{file} is still there");
     }
+    // 409, which a neighbour replicating such a name accepts (a 4xx it
+    // retries would hold its queue for ever), also for a replica.
     let r = request(port, "PUT", "/state/x.txt", &[], b"x");
     assert_eq!(
         r.status,
-        400,
+        409,
         "PUT into the state directory: {}",
         r.describe()
     );
     assert_error_body(&r, "PUT into the state directory");
-    // Names beside it are ordinary names.
-    let r = request(port, "PUT", "/statement.txt", &[], b"x");
-    assert_eq!(r.status, 201, "{}", r.describe());
-    let loc = r.header("location").expect("location");
-    assert_eq!(request(port, "GET", &loc, &[], b"").body, b"x");
+    let sha = sha1_hex(b"x");
+    let replica = format!("/state/x_1700000000_{sha}.txt");
+    let r = request(port, "PUT", &replica, &[("X-Content-SHA1", &sha)], b"x");
+    assert_eq!(
+        r.status,
+        409,
+        "replica into the state directory: {}",
+        r.describe()
+    );
+    // Names beside it, or whose stored form lies beside it, are ordinary.
+    for name in ["/statement.txt", "/state"] {
+        let r = request(port, "PUT", name, &[], b"x");
+        assert_eq!(r.status, 201, "{name}: {}", r.describe());
+        let loc = r.header("location").expect("location");
+        assert_eq!(request(port, "GET", &loc, &[], b"").body, b"x");
+    }
+    assert_eq!(
+        std::fs::read_dir(&queue).unwrap().count(),
+        db.len(),
+        "nothing was stored in the state directory"
+    );
 }
 
 #[test]

@@ -139,18 +139,12 @@ impl Api {
                 _ => Err(Error::MethodNotAllowed(ALLOW_STATUS)),
             };
         }
-        let in_state_dir = self
-            .state_dir
-            .as_deref()
-            .is_some_and(|dir| name::is_within(&name, dir));
+        let in_state_dir = self.in_state_dir(&name);
         match *req.method() {
             Method::GET | Method::HEAD if in_state_dir => Err(Error::NotFound),
             Method::GET | Method::HEAD => self.get(&name, &req).await,
             Method::PUT => {
                 self.authorize(req.headers())?;
-                if in_state_dir {
-                    return Err(Error::InStateDirectory);
-                }
                 self.put(name, req).await
             }
             Method::DELETE => {
@@ -162,6 +156,14 @@ impl Api {
             }
             _ => Err(Error::MethodNotAllowed(ALLOW_FILE)),
         }
+    }
+
+    /// Whether `name` lies in the state directory (when that is inside the
+    /// storage directory): no request may reach it.
+    fn in_state_dir(&self, name: &str) -> bool {
+        self.state_dir
+            .as_deref()
+            .is_some_and(|dir| name::is_within(name, dir))
     }
 
     /// Constant-time check of `Authorization: Bearer <token>` when a token is set.
@@ -270,7 +272,9 @@ impl Api {
         // A replica sent to the name it already has: answer before the body
         // travels (it would change nothing).
         if let Some(sha) = &expected {
-            if name::content_sha1(&name).as_deref() == Some(sha.as_str()) {
+            if name::content_sha1(&name).as_deref() == Some(sha.as_str())
+                && !self.in_state_dir(&name)
+            {
                 let small = length.is_some_and(|len| len <= SMALL_REPLICA)
                     && !req.headers().contains_key(header::EXPECT);
                 let known = {
@@ -328,6 +332,9 @@ impl Api {
         // A stored-form name sent with other content gets a second suffix,
         // which may no longer fit the file system's limits.
         name::check(&stored, Purpose::Read)?;
+        if self.in_state_dir(&stored) {
+            return Err(Error::InStateDirectory);
+        }
         let content = Content { temp, tail };
         // From here on the upload runs to its end even if the client goes
         // away (hyper then drops this future): the name lock must cover the
