@@ -47,7 +47,8 @@ pub struct Cli {
     /// More logging (-v: debug, -vv: trace).
     #[arg(short = 'v', long, action = clap::ArgAction::Count)]
     pub verbose: u8,
-    /// Seconds without body bytes before a PUT gets 408.
+    /// Seconds without body bytes before a PUT gets 408; also how long a
+    /// client may take none of an answer before its connection is closed.
     #[arg(long, default_value = "60", value_parser = parse_seconds)]
     pub read_timeout: Duration,
     /// Seconds a client has to send its request headers.

@@ -697,6 +697,37 @@ fn max_connections_bounds_concurrent_connections() {
 }
 
 #[test]
+fn a_client_that_reads_nothing_of_an_answer_is_cut_off() {
+    // One connection slot: a reader that never reads would hold it for ever.
+    let node = Node::start(&["--max-connections", "1", "--read-timeout", "1"]);
+    let port = node.port();
+    // Larger than the socket buffers on both sides together.
+    let big = Rng::new(12).bytes(32 * 1024 * 1024);
+    let loc = node.put_ok("/slow/reader.bin", &big);
+    let mut stuck = Conn::open(port);
+    stuck
+        .send(&build_head(port, "GET", &loc, &[], None))
+        .unwrap();
+    // Reads nothing. Another client is served once the node gives up on it.
+    let mut other = Conn::open(port);
+    other
+        .send(&build_head(port, "GET", "/_status", &[], None))
+        .unwrap();
+    other.set_read_timeout(Duration::from_secs(20));
+    let started = Instant::now();
+    let r = other
+        .read_response(false)
+        .expect("served after the stalled reader was cut off (--read-timeout 1)");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "served while the stalled reader still held the only slot"
+    );
+    drop(stuck);
+    assert_eq!(node.get(&loc).body.len(), big.len(), "the file is intact");
+}
+
+#[test]
 fn max_size_is_checked_before_and_while_reading() {
     let node = Node::start(&["--max-size", "1000", "--read-timeout", "30"]);
     let port = node.port();

@@ -69,7 +69,7 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let api = api.clone();
         let served = Arc::new(AtomicBool::new(false));
-        let io = Conn::new(stream, served.clone());
+        let io = Conn::new(stream, served.clone(), config.read_timeout);
         let service = service_fn(move |req| {
             // From now on every byte written may be ours (see `Conn`).
             served.store(true, Ordering::Relaxed);
@@ -100,8 +100,13 @@ pub async fn serve(
 /// wants of every error. Only before the service has been called: after
 /// that, bytes written may be a stored file's, whatever they look like,
 /// and a later unparseable request keeps hyper's bare answer.
+/// A client that takes nothing of an answer for `stall_limit` is cut off,
+/// so slow readers cannot hold connections (and their slots) for ever.
 struct Conn {
     inner: TcpStream,
+    stall_limit: Duration,
+    /// Running while a write waits for the client to take bytes.
+    stall: Option<Pin<Box<tokio::time::Sleep>>>,
     /// Set by the service when it is first called on this connection.
     served: Arc<AtomicBool>,
     /// Nothing has been read yet.
@@ -114,9 +119,11 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(inner: TcpStream, served: Arc<AtomicBool>) -> Conn {
+    fn new(inner: TcpStream, served: Arc<AtomicBool>, stall_limit: Duration) -> Conn {
         Conn {
             inner,
+            stall_limit,
+            stall: None,
             served,
             fresh: true,
             head: false,
@@ -132,6 +139,31 @@ impl Conn {
         explain_bare_error(buf, self.head)
     }
 
+    /// Pass a write's outcome on; a write still waiting after `stall_limit`
+    /// without progress fails instead (hyper then closes the connection).
+    fn watch<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if polled.is_ready() {
+            self.stall = None;
+            return polled;
+        }
+        let limit = self.stall_limit;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        if stall.as_mut().poll(cx).is_ready() {
+            self.stall = None;
+            return Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client took nothing of the answer in time",
+            )));
+        }
+        Poll::Pending
+    }
+
     fn write_pending(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<usize>> {
         let Some((bytes, written, stands_for)) = &mut self.pending else {
             return Poll::Ready(Ok(0));
@@ -144,6 +176,7 @@ impl Conn {
                 Poll::Pending => return Poll::Pending,
             }
         }
+        // (The caller watches for stalls; `written` keeps the progress.)
         let n = *stands_for;
         self.pending = None;
         Poll::Ready(Ok(n))
@@ -179,10 +212,12 @@ impl AsyncWrite for Conn {
                 self.pending = Some((replacement, 0, buf.len()));
             }
         }
-        if self.pending.is_some() {
-            return self.write_pending(cx);
-        }
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let polled = if self.pending.is_some() {
+            self.write_pending(cx)
+        } else {
+            Pin::new(&mut self.inner).poll_write(cx, buf)
+        };
+        self.watch(cx, polled)
     }
 
     fn poll_write_vectored(
@@ -195,7 +230,8 @@ impl AsyncWrite for Conn {
                 return self.poll_write(cx, first);
             }
         }
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        let polled = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.watch(cx, polled)
     }
 
     fn is_write_vectored(&self) -> bool {
@@ -203,7 +239,8 @@ impl AsyncWrite for Conn {
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let polled = Pin::new(&mut self.inner).poll_flush(cx);
+        self.watch(cx, polled)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
