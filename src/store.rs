@@ -585,13 +585,15 @@ impl Default for NameLocks {
 }
 
 /// Stream `count` bytes of `file` from `start`, one blocking read per chunk.
+/// Reads are positional, so streams of one shared file do not disturb each
+/// other.
 pub fn file_stream(
-    file: File,
+    file: impl Into<Arc<File>>,
     start: u64,
     count: u64,
 ) -> impl futures_util::Stream<Item = io::Result<bytes::Bytes>> + Send + 'static {
     futures_util::stream::unfold(
-        (Some(file), start, count),
+        (Some(file.into()), start, count),
         |(file, offset, left)| async move {
             let file = file?;
             if left == 0 {
@@ -603,7 +605,7 @@ pub fn file_stream(
                 let mut filled = 0;
                 while filled < want {
                     let n = std::os::unix::fs::FileExt::read_at(
-                        &file,
+                        &*file,
                         &mut buf[filled..],
                         offset + filled as u64,
                     )?;

@@ -728,6 +728,48 @@ fn a_client_that_reads_nothing_of_an_answer_is_cut_off() {
 }
 
 #[test]
+fn a_client_that_reads_slowly_but_steadily_is_not_cut_off() {
+    let node = Node::start(&["--read-timeout", "2"]);
+    let port = node.port();
+    let big = Rng::new(13).bytes(24 * 1024 * 1024);
+    let loc = node.put_ok("/slow/steady.bin", &big);
+    let mut conn = Conn::open(port);
+    conn.send(&build_head(
+        port,
+        "GET",
+        &loc,
+        &[("Connection", "close")],
+        None,
+    ))
+    .unwrap();
+    let mut stream = conn.stream;
+    let mut got = Vec::with_capacity(big.len());
+    let mut chunk = vec![0u8; 16 * 1024];
+    // Take 16 KiB every 200 ms for 5 s (the socket buffers fill at once):
+    // far below the send rate, but never 2 s without taking anything.
+    let slow_until = Instant::now() + Duration::from_secs(5);
+    loop {
+        if Instant::now() < slow_until {
+            // Not a wait for a result: it is how slowly this client reads.
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        let n = std::io::Read::read(&mut stream, &mut chunk).expect("read");
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&chunk[..n]);
+    }
+    let body_at = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert!(got.starts_with(b"HTTP/1.1 200"));
+    assert_eq!(got.len() - body_at, big.len(), "the whole file arrived");
+    assert!(got[body_at..] == big[..], "the file arrived intact");
+}
+
+#[test]
 fn max_size_is_checked_before_and_while_reading() {
     let node = Node::start(&["--max-size", "1000", "--read-timeout", "30"]);
     let port = node.port();

@@ -1,5 +1,5 @@
 //! `Range` evaluation: never panics, and every part of an answer lies in
-//! the file, in order, without overlap.
+//! the file, without overlap.
 #![no_main]
 
 use cockatiel::api::range::{evaluate, RangeAnswer};
@@ -16,6 +16,8 @@ fuzz_target!(|input: (u64, &str)| {
         for &(start, end) in &parts {
             assert!(start <= end && end < len, "{header:?} len {len}: {parts:?}");
         }
+        let mut parts = parts;
+        parts.sort_unstable();
         for w in parts.windows(2) {
             assert!(w[0].1 < w[1].0, "{header:?} len {len}: {parts:?}");
         }

@@ -269,6 +269,14 @@ impl Api {
             }
             None => None,
         };
+        // Its stored name keeps its directory: refused before the body
+        // travels when that lies in the state directory.
+        if name
+            .rsplit_once('/')
+            .is_some_and(|(dir, _)| self.in_state_dir(dir))
+        {
+            return Err(Error::InStateDirectory);
+        }
         // A replica sent to the name it already has: answer before the body
         // travels (it would change nothing).
         if let Some(sha) = &expected {
@@ -686,6 +694,18 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     resp
 }
 
+/// A multipart boundary no one can predict (RFC 2046: it must not occur in
+/// the parts): 128 bits from the process's randomly keyed SipHash.
+fn boundary() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let random = |n: u64| {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(n);
+        h.finish()
+    };
+    format!("cockatiel-{:016x}{:016x}", random(1), random(2))
+}
+
 /// A 206 `multipart/byteranges` answer (RFC 9110 §14.6): each part with
 /// its own Content-Type and Content-Range. `headers` are the file's.
 fn multipart(
@@ -694,12 +714,7 @@ fn multipart(
     parts: &[(u64, u64)],
     mut headers: HeaderMap,
 ) -> Response<Body> {
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.subsec_nanos());
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let boundary = format!("cockatiel-{nanos:08x}{n:016x}");
+    let boundary = boundary();
     let len = meta.len;
     let heads: Vec<Bytes> = parts
         .iter()
@@ -727,25 +742,21 @@ fn multipart(
                 .boxed()
         }
         Source::File(file) => {
-            // One descriptor per part (reads are positional); without them,
-            // the whole file.
-            let files: Result<Vec<std::fs::File>, _> =
-                parts.iter().map(|_| file.try_clone()).collect();
-            let Ok(files) = files else {
-                headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
-                let mut resp = Response::new(file_body(file, 0, len));
-                *resp.headers_mut() = headers;
-                return resp;
-            };
+            // One descriptor shared by every part: reads are positional.
+            let file = Arc::new(file);
             type Piece = std::pin::Pin<
                 Box<dyn futures_util::Stream<Item = io::Result<Bytes>> + Send + Sync>,
             >;
             let mut pieces: Vec<Piece> = Vec::with_capacity(parts.len() * 2 + 1);
-            for ((head, &(s, e)), f) in heads.into_iter().zip(parts).zip(files) {
+            for (head, &(s, e)) in heads.into_iter().zip(parts) {
                 pieces.push(Box::pin(futures_util::stream::once(std::future::ready(
                     Ok(head),
                 ))));
-                pieces.push(Box::pin(crate::store::file_stream(f, s, e - s + 1)));
+                pieces.push(Box::pin(crate::store::file_stream(
+                    file.clone(),
+                    s,
+                    e - s + 1,
+                )));
             }
             pieces.push(Box::pin(futures_util::stream::once(std::future::ready(
                 Ok(tail),

@@ -10,7 +10,8 @@ pub enum RangeAnswer {
     /// 206 with bytes `start..=end`.
     Partial { start: u64, end: u64 },
     /// 206 `multipart/byteranges` with these parts (`start`, `end`
-    /// inclusive), in file order, none overlapping or close together.
+    /// inclusive), none overlapping or close together, in the order the
+    /// header asked for them (a coalesced part where its first range was).
     Several(Vec<(u64, u64)>),
     /// 416: no range overlaps the file.
     Unsatisfiable,
@@ -32,7 +33,8 @@ pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
     if !unit.trim().eq_ignore_ascii_case("bytes") {
         return RangeAnswer::Full;
     }
-    let mut ranges: Vec<(u64, u64)> = Vec::new();
+    // Each range with its place in the header.
+    let mut ranges: Vec<(u64, u64, usize)> = Vec::new();
     let mut count = 0;
     for spec in set.split(',') {
         let spec = spec.trim();
@@ -46,8 +48,8 @@ pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
         let Some(parsed) = parse_spec(spec) else {
             return RangeAnswer::Full;
         };
-        if let Some(r) = resolve(parsed, len) {
-            ranges.push(r);
+        if let Some((s, e)) = resolve(parsed, len) {
+            ranges.push((s, e, count));
         }
     }
     if count == 0 {
@@ -57,23 +59,25 @@ pub fn evaluate(header: &str, len: u64) -> RangeAnswer {
         return RangeAnswer::Unsatisfiable;
     }
     // Ranges that overlap or lie close together become one part (RFC 9110
-    // §14.2 lets a server coalesce them, and sort them as it does so).
+    // §14.2 lets a server coalesce them); the parts keep the header's order.
     ranges.sort_unstable();
-    let mut parts: Vec<(u64, u64)> = Vec::with_capacity(ranges.len());
-    for (s, e) in ranges {
+    let mut parts: Vec<(u64, u64, usize)> = Vec::with_capacity(ranges.len());
+    for (s, e, at) in ranges {
         match parts.last_mut() {
-            Some((_, end)) if s <= end.saturating_add(1).saturating_add(COALESCE_GAP) => {
+            Some((_, end, first)) if s <= end.saturating_add(1).saturating_add(COALESCE_GAP) => {
                 *end = (*end).max(e);
+                *first = (*first).min(at);
             }
-            _ => parts.push((s, e)),
+            _ => parts.push((s, e, at)),
         }
     }
+    parts.sort_unstable_by_key(|&(_, _, at)| at);
     match parts.as_slice() {
-        [(start, end)] => RangeAnswer::Partial {
+        [(start, end, _)] => RangeAnswer::Partial {
             start: *start,
             end: *end,
         },
-        _ => RangeAnswer::Several(parts),
+        _ => RangeAnswer::Several(parts.into_iter().map(|(s, e, _)| (s, e)).collect()),
     }
 }
 
@@ -185,14 +189,14 @@ mod tests {
             evaluate("bytes=0-0,81-90", 1000),
             Partial { start: 0, end: 90 }
         );
-        // Farther apart: parts of their own, in file order.
+        // Farther apart: parts of their own, in the header's order.
         assert_eq!(
             evaluate("bytes=0-0,82-90", 1000),
             Several(vec![(0, 0), (82, 90)])
         );
         assert_eq!(
             evaluate("bytes=500-509,0-9,505-600", 1000),
-            Several(vec![(0, 9), (500, 600)])
+            Several(vec![(500, 600), (0, 9)])
         );
         let many = format!("bytes={}", vec!["0-1"; 65].join(","));
         assert_eq!(evaluate(&many, 10), Full);
@@ -251,6 +255,8 @@ mod proptests {
             }
             RangeAnswer::Several(parts) => {
                 assert!(parts.len() >= 2, "{header:?}: {parts:?}");
+                let mut parts = parts;
+                parts.sort_unstable();
                 for w in parts.windows(2) {
                     assert!(w[0].1 + 1 + COALESCE_GAP < w[1].0, "{header:?}: {parts:?}");
                 }

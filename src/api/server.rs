@@ -101,16 +101,21 @@ pub async fn serve(
 /// that, bytes written may be a stored file's, whatever they look like,
 /// and a later unparseable request keeps hyper's bare answer.
 /// A client that takes nothing of an answer for `stall_limit` is cut off,
-/// so slow readers cannot hold connections (and their slots) for ever.
+/// so readers that stopped cannot hold connections (and their slots) for
+/// ever; one that reads slowly but steadily is not.
 struct Conn {
     inner: TcpStream,
     stall_limit: Duration,
-    /// Running while a write waits for the client to take bytes.
+    /// Armed while a write waits for the client to take bytes; made once,
+    /// reset after.
     stall: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The bytes queued in the socket when the stall timer was armed.
+    stall_queued: Option<usize>,
     /// Set by the service when it is first called on this connection.
     served: Arc<AtomicBool>,
-    /// Nothing has been read yet.
-    fresh: bool,
+    /// The connection's first bytes, until they show the first request's
+    /// method (a space within 8 bytes) or cannot.
+    first: Vec<u8>,
     /// The first request began with `HEAD`: its answer has no body.
     head: bool,
     /// A replacement being written, and how many bytes of hyper's buffer it
@@ -124,8 +129,9 @@ impl Conn {
             inner,
             stall_limit,
             stall: None,
+            stall_queued: None,
             served,
-            fresh: true,
+            first: Vec::new(),
             head: false,
             pending: None,
         }
@@ -139,27 +145,46 @@ impl Conn {
         explain_bare_error(buf, self.head)
     }
 
-    /// Pass a write's outcome on; a write still waiting after `stall_limit`
-    /// without progress fails instead (hyper then closes the connection).
+    /// Pass a write's outcome on; a write that still waits after
+    /// `stall_limit`, with the client having taken nothing of what the
+    /// socket holds meanwhile, fails instead (hyper then closes the
+    /// connection). The kernel reports a full socket writable only once a
+    /// good part of it drained, so a slow reader's progress shows in the
+    /// socket's queue, not in writes.
     fn watch<T>(
         &mut self,
         cx: &mut Context<'_>,
         polled: Poll<io::Result<T>>,
     ) -> Poll<io::Result<T>> {
         if polled.is_ready() {
-            self.stall = None;
+            self.stall_queued = None;
             return polled;
         }
-        let limit = self.stall_limit;
-        let stall = self
-            .stall
-            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
-        if stall.as_mut().poll(cx).is_ready() {
-            self.stall = None;
-            return Poll::Ready(Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                "the client took nothing of the answer in time",
-            )));
+        if self.stall_queued.is_none() {
+            self.stall_queued = Some(unsent(&self.inner));
+            let deadline = tokio::time::Instant::now() + self.stall_limit;
+            match &mut self.stall {
+                Some(sleep) => sleep.as_mut().reset(deadline),
+                None => self.stall = Some(Box::pin(tokio::time::sleep_until(deadline))),
+            }
+        }
+        let Some(sleep) = &mut self.stall else {
+            return Poll::Pending;
+        };
+        while sleep.as_mut().poll(cx).is_ready() {
+            let queued = unsent(&self.inner);
+            if self.stall_queued.is_some_and(|before| queued >= before) {
+                self.stall_queued = None;
+                return Poll::Ready(Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "the client took nothing of the answer in time",
+                )));
+            }
+            // It took some: wait again from now.
+            self.stall_queued = Some(queued);
+            sleep
+                .as_mut()
+                .reset(tokio::time::Instant::now() + self.stall_limit);
         }
         Poll::Pending
     }
@@ -191,11 +216,12 @@ impl AsyncRead for Conn {
     ) -> Poll<io::Result<()>> {
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
-        let read = &buf.filled()[before..];
-        if self.fresh && !read.is_empty() {
+        if self.first.len() < 8 && !self.first.contains(&b' ') {
             // The first bytes of a connection start its first request.
-            self.fresh = false;
-            self.head = request_method(read) == Some(&b"HEAD"[..]);
+            let read = &buf.filled()[before..];
+            let take = read.len().min(8 - self.first.len());
+            self.first.extend_from_slice(&read[..take]);
+            self.head = request_method(&self.first) == Some(&b"HEAD"[..]);
         }
         polled
     }
@@ -245,6 +271,21 @@ impl AsyncWrite for Conn {
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+}
+
+/// Bytes written to the socket that the client has not yet acknowledged
+/// (Linux `SIOCOUTQ`); 0 when unknown, which counts as no progress.
+fn unsent(stream: &TcpStream) -> usize {
+    use std::os::fd::AsRawFd;
+    let mut queued: libc::c_int = 0;
+    // SAFETY: SIOCOUTQ writes one int through the pointer, which points to
+    // a live c_int; the descriptor is open for as long as `stream` lives.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+    if rc == 0 {
+        usize::try_from(queued).unwrap_or(0)
+    } else {
+        0
     }
 }
 
