@@ -126,9 +126,16 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   flushes (content before name, name before 201) on a disk that both
   nodes share, plus one core that both nodes and the kernel's I/O share.
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
-  page cache (~44%) while writeback runs; the durable `dd` above, which
-  does neither, is no faster. O_DIRECT gave 489 MB/s but left the file out
-  of the page cache, and the GET right after fell to 400 MB/s.
+  page cache (~44%) while writeback runs. How it compares with the durable
+  `dd` above depends on the disk's moment: in runs where `dd` managed
+  200–350 MB/s cockatiel matched or beat it (it overlaps hashing with
+  writeback); in a run where `dd` reached 590–1,075 MB/s cockatiel made
+  625–650 MB/s. The same core alone (a temporary example, 512 KiB chunks,
+  page cache on tmpfs, no network or disk) copied, hashed and wrote
+  1,220 MB/s, SHA-1 alone 2,150 MB/s, so neither the hash nor the copies
+  alone set the limit; the loopback receive and ext4's writeback share
+  that core too. O_DIRECT gave 489 MB/s but left the file out of the page
+  cache, and the GET right after fell to 400 MB/s.
 """
 
 
