@@ -127,10 +127,10 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   nodes share, plus one core that both nodes and the kernel's I/O share.
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
   page cache (~44%) while writeback runs. How it compares with the durable
-  `dd` above depends on the disk's moment: in runs where `dd` managed
-  200–350 MB/s cockatiel matched or beat it (it overlaps hashing with
-  writeback); in a run where `dd` reached 590–1,075 MB/s cockatiel made
-  625–650 MB/s. The same core alone (a temporary example, 512 KiB chunks,
+  `dd` above depends on the disk's moment: in the runs of 2026-11-27
+  where `dd` managed about 350 MB/s (best of three) cockatiel matched or
+  beat it (it overlaps hashing with writeback); in one where `dd` reached
+  590–1,075 MB/s cockatiel made 625–650 MB/s. The same core alone (a temporary example, 512 KiB chunks,
   page cache on tmpfs, no network or disk) copied, hashed and wrote
   1,220 MB/s, SHA-1 alone 2,150 MB/s, so neither the hash nor the copies
   alone set the limit; the loopback receive and ext4's writeback share
