@@ -609,19 +609,7 @@ fn a_state_directory_inside_the_storage_is_out_of_reach() {
         r.describe()
     );
     // Refused before the body is sent.
-    let mut conn = Conn::open(port);
-    conn.send(&build_head(
-        port,
-        "PUT",
-        "/state/sub/big.bin",
-        &[("Expect", "100-continue")],
-        Some(1 << 30),
-    ))
-    .unwrap();
-    let r = conn
-        .read_response(false)
-        .expect("an answer before the body");
-    assert!(r.interim.is_empty(), "no 100 Continue: {:?}", r.interim);
+    let r = put_asking_first(port, "/state/sub/big.bin", &[], 1 << 30);
     assert_eq!(r.status, 409, "{}", r.describe());
     // Names beside it, or whose stored form lies beside it, are ordinary.
     for name in ["/statement.txt", "/state"] {

@@ -900,6 +900,26 @@ pub fn build_head(
     out.into_bytes()
 }
 
+/// A PUT of `len` bytes to `path` that asks with `Expect: 100-continue`
+/// and never sends its body: the answer must come without asking for it
+/// (no 100 Continue first).
+pub fn put_asking_first(port: u16, path: &str, headers: &[(&str, &str)], len: usize) -> Response {
+    let mut all = headers.to_vec();
+    all.push(("Expect", "100-continue"));
+    let mut conn = Conn::open(port);
+    conn.send(&build_head(port, "PUT", path, &all, Some(len)))
+        .unwrap();
+    let r = conn
+        .read_response(false)
+        .expect("an answer without the body");
+    assert!(
+        r.interim.is_empty(),
+        "PUT {path}: no 100 Continue before the answer: {:?}",
+        r.interim
+    );
+    r
+}
+
 /// Send one request and read the whole response. Panics (with context) on
 /// connection errors; see [`try_request`] for the fallible variant.
 pub fn request(
