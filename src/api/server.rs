@@ -1,9 +1,10 @@
 //! The listening socket: accepts connections (bounded in number), applies
-//! the connection-level limits (header size and time, TCP_NODELAY), hands
-//! each request to `Api::handle`, and drains connections on shutdown. The
-//! answers hyper writes by itself to requests it cannot parse get our
-//! `Server` header and a one-line reason on their way out (`Conn`).
-//! It never looks at request contents.
+//! the connection-level limits (header size and time, TCP_NODELAY, a client
+//! that takes none of an answer for `--read-timeout` is cut off), hands each
+//! request to `Api::handle`, and drains connections on shutdown. The answer
+//! hyper writes by itself to an unparseable first request of a connection
+//! gets our `Server` header and a one-line reason (`Conn`). It never
+//! interprets request contents beyond that first request's method.
 
 use std::convert::Infallible;
 use std::future::Future;
