@@ -328,13 +328,8 @@ impl Api {
         }
 
         let (temp, tail, sha1) = self.receive(req.into_body()).await?;
-        if let Some(expected) = expected {
-            if expected != sha1 {
-                return Err(Error::Sha1Mismatch {
-                    expected,
-                    actual: sha1,
-                });
-            }
+        if let Some(expected) = &expected {
+            same_sha1(expected, &sha1)?;
         }
         let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
         // A stored-form name sent with other content gets a second suffix,
@@ -377,17 +372,7 @@ impl Api {
         let mut buffered = 0;
         let mut writing: Option<tokio::task::JoinHandle<Result<TempFile, Error>>> = None;
         let mut total: u64 = 0;
-        let timeout = self.config.read_timeout;
-        loop {
-            let frame = match tokio::time::timeout(timeout, body.frame()).await {
-                Err(_) => return Err(Error::ReadTimeout(timeout)),
-                Ok(None) => break,
-                Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
-                Ok(Some(Ok(frame))) => frame,
-            };
-            let Ok(data) = frame.into_data() else {
-                continue;
-            };
+        while let Some(data) = self.next_data(&mut body).await? {
             total += data.len() as u64;
             if let Some(max) = self.config.max_size {
                 if total > max {
@@ -434,27 +419,28 @@ impl Api {
     /// SHA1 is `expected`.
     async fn check_body(&self, mut body: Incoming, expected: &str) -> Result<(), Error> {
         let mut hasher = Sha1::new();
+        while let Some(data) = self.next_data(&mut body).await? {
+            hasher.update(&data);
+        }
+        same_sha1(expected, &hex(&hasher.finalize()))
+    }
+
+    /// The body's next data (trailers skipped), `None` at its end; 408 when
+    /// nothing arrives for `--read-timeout`.
+    async fn next_data(&self, body: &mut Incoming) -> Result<Option<Bytes>, Error> {
         let timeout = self.config.read_timeout;
         loop {
             match tokio::time::timeout(timeout, body.frame()).await {
                 Err(_) => return Err(Error::ReadTimeout(timeout)),
-                Ok(None) => break,
+                Ok(None) => return Ok(None),
                 Ok(Some(Err(e))) => return Err(Error::BodyRead(e.to_string())),
                 Ok(Some(Ok(frame))) => {
                     if let Ok(data) = frame.into_data() {
-                        hasher.update(&data);
+                        return Ok(Some(data));
                     }
                 }
             }
         }
-        let actual = hex(&hasher.finalize());
-        if actual != expected {
-            return Err(Error::Sha1Mismatch {
-                expected: expected.to_string(),
-                actual,
-            });
-        }
-        Ok(())
     }
 
     async fn delete(&self, name: &str) -> Result<Response<Body>, Error> {
@@ -692,6 +678,18 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     *resp.status_mut() = status;
     *resp.headers_mut() = headers;
     resp
+}
+
+/// 400 unless the body's SHA1 is the one `X-Content-SHA1` announced (both
+/// lower-case hex).
+fn same_sha1(expected: &str, actual: &str) -> Result<(), Error> {
+    if expected == actual {
+        return Ok(());
+    }
+    Err(Error::Sha1Mismatch {
+        expected: expected.to_string(),
+        actual: actual.to_string(),
+    })
 }
 
 /// A multipart boundary no one can predict (RFC 2046: it must not occur in
