@@ -105,7 +105,12 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   than that); a sender window of 64 (1,688 against 1,677); mimalloc (no
   change, idle RSS 7.4 → 15.4 MiB); saving positions once a second
   instead of at each catch-up (no change). Leaving out the state
-  database's flush (a measurement only) gave +10%.
+  database's flush (a measurement only) gave +10%. Two syncs in flight at
+  once (a round starts while the previous round's `syncfs` still runs, on
+  a second sync thread): drained 1,706–1,841 against 1,989–2,067 files/s
+  (two nodes on one loop ext4, 2,000 files, 16 clients, pairs
+  interleaved): the journal commits still go one after the other, and
+  the rounds only added flushes.
   The `per_file` disk limit above is higher than `shared_syncfs`, so the
   per-upload structure was tried in the server too: each upload on the
   blocking pool writes and `fdatasync`s its temp file while the state
@@ -135,7 +140,15 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   1,220 MB/s, SHA-1 alone 2,150 MB/s, so neither the hash nor the copies
   alone set the limit; the loopback receive and ext4's writeback share
   that core too. O_DIRECT gave 489 MB/s but left the file out of the page
-  cache, and the GET right after fell to 400 MB/s.
+  cache, and the GET right after fell to 400 MB/s. SHA-1 of data that is
+  no longer in the processor's cache runs at half speed here (1,080 MB/s
+  over a 64 MiB buffer against 2,100 MB/s over 512 KiB); in a perf of a
+  1 GiB PUT at 646 MB/s it took 50% of the busy server core, about
+  1,300 MB/s. A read buffer of 1 MiB (hyper's `max_buf_size`, ~400 KiB by
+  default) made that PUT 12% faster with the storage on tmpfs (1,010
+  against 900 MB/s) and 5–8% on loop ext4, but hyper applies the same limit
+  to its write buffer and big GET fell 12% (harness A/B: 2,274–2,357
+  against 2,588–2,772 MB/s), so it was dropped.
 """
 
 
