@@ -21,6 +21,8 @@ pub const RESERVED: &[&str] = &["_status"];
 pub enum NameError {
     #[error("empty name")]
     Empty,
+    #[error("the request target must be a path starting with '/'")]
+    NotAPath,
     #[error("invalid percent-encoding in the path")]
     BadPercent,
     #[error("the name is not valid UTF-8")]
@@ -85,7 +87,8 @@ fn hex_val(b: u8) -> Option<u8> {
 
 /// Decode and check a request path (`/a/b.txt`) in one step.
 pub fn from_path(path: &str, purpose: Purpose) -> Result<String, NameError> {
-    let raw = path.strip_prefix('/').unwrap_or(path);
+    // Only origin-form targets name files (`*` and the like do not).
+    let raw = path.strip_prefix('/').ok_or(NameError::NotAPath)?;
     let name = decode(raw)?;
     check(&name, purpose)?;
     Ok(name)
@@ -93,6 +96,12 @@ pub fn from_path(path: &str, purpose: Purpose) -> Result<String, NameError> {
 
 /// Check a decoded name against every rule of SPEC "Stored names".
 pub fn check(name: &str, purpose: Purpose) -> Result<(), NameError> {
+    check_with(name, purpose, true)
+}
+
+/// `check`, with names in stored form measured without their suffix
+/// (`exempt_stored`) or like any other name.
+fn check_with(name: &str, purpose: Purpose, exempt_stored: bool) -> Result<(), NameError> {
     if name.is_empty() {
         return Err(NameError::Empty);
     }
@@ -103,7 +112,11 @@ pub fn check(name: &str, purpose: Purpose) -> Result<(), NameError> {
     // measured by the part its uploader chose: the node itself added
     // `_<secs>_<sha1>`, and every name it stored must be accepted again by
     // its neighbours.
-    let stored = split_stored(name);
+    let stored = if exempt_stored {
+        split_stored(name)
+    } else {
+        None
+    };
     let requested_len = stored
         .as_ref()
         .map_or(name.len(), StoredParts::requested_len);
@@ -233,6 +246,23 @@ pub fn stored_name(requested: &str, sha1_hex: &str, now_secs: u64) -> String {
     format!("{stem}_{now_secs}_{sha1_hex}{ext}")
 }
 
+/// The name a PUT of content with this SHA1 stores `requested` under. A
+/// requested name that gets the suffix (not in stored form, or in stored
+/// form with another content's hash) is held to the limits of any requested
+/// name, and what it becomes must still fit the file system.
+pub fn stored_name_checked(
+    requested: &str,
+    sha1_hex: &str,
+    now_secs: u64,
+) -> Result<String, NameError> {
+    let stored = stored_name(requested, sha1_hex, now_secs);
+    if stored != requested {
+        check_with(requested, Purpose::Put, false)?;
+        check(&stored, Purpose::Read)?;
+    }
+    Ok(stored)
+}
+
 /// Characters kept as they are in a `Location`: RFC 3986 unreserved ones.
 const SEGMENT: &AsciiSet = &NON_ALPHANUMERIC
     .remove(b'-')
@@ -309,7 +339,9 @@ mod tests {
     #[test]
     fn refuses_empty_hidden_and_control() {
         assert_eq!(from_path("/", Purpose::Put), Err(NameError::Empty));
-        assert_eq!(from_path("", Purpose::Read), Err(NameError::Empty));
+        assert_eq!(from_path("", Purpose::Read), Err(NameError::NotAPath));
+        assert_eq!(from_path("*", Purpose::Put), Err(NameError::NotAPath));
+        assert_eq!(from_path("a.txt", Purpose::Read), Err(NameError::NotAPath));
         assert_eq!(from_path("//a", Purpose::Put), Err(NameError::EmptySegment));
         assert_eq!(
             from_path("/a//b", Purpose::Put),
@@ -423,6 +455,28 @@ mod tests {
         assert_eq!(split_ext("dir.d/file"), ("dir.d/file", ""));
         assert_eq!(split_ext("a/b.png"), ("a/b", ".png"));
         assert_eq!(split_ext("noext"), ("noext", ""));
+    }
+
+    #[test]
+    fn a_stored_form_name_with_another_hash_is_held_to_the_put_limits() {
+        let other = "1111111111111111111111111111111111111111";
+        // 150 + `_1_` + 40 = 193 bytes of which the node added nothing: fits.
+        let short = format!("{}_1_{other}", "a".repeat(150));
+        assert_eq!(
+            stored_name_checked(&short, SHA, 7),
+            Ok(format!("{short}_7_{SHA}"))
+        );
+        // 160 + 43 = 203 bytes: over 200 once it is an ordinary requested name,
+        // although the doubly suffixed name would still fit in 255.
+        let long = format!("{}_1_{other}", "a".repeat(160));
+        assert_eq!(check(&long, Purpose::Put), Ok(()));
+        assert_eq!(
+            stored_name_checked(&long, SHA, 7),
+            Err(NameError::SegmentTooLong(MAX_PUT_SEGMENT))
+        );
+        // With this content's hash it is kept as it is.
+        let same = format!("{}_1_{SHA}", "a".repeat(200));
+        assert_eq!(stored_name_checked(&same, SHA, 7), Ok(same.clone()));
     }
 
     #[test]

@@ -387,6 +387,22 @@ fn if_none_match() {
         );
         assert_eq!(r.body, body);
     }
+    // The same list split over several header lines (RFC 9110 §5.3).
+    let r = node.req(
+        "GET",
+        &loc,
+        &[("If-None-Match", "\"0000\""), ("If-None-Match", &etag)],
+        b"",
+    );
+    assert_eq!(r.status, 304, "match on a second line: {}", r.describe());
+    let r = node.req(
+        "GET",
+        &loc,
+        &[("If-None-Match", "\"0000\""), ("If-None-Match", "\"1111\"")],
+        b"",
+    );
+    assert_eq!(r.status, 200, "no match on any line: {}", r.describe());
+    assert_eq!(r.body, body);
 }
 
 /// The parts of a `multipart/byteranges` body: (Content-Range, bytes).

@@ -169,6 +169,19 @@ fn segment_length_limits() {
     );
     let r = node.delete(&seg255);
     assert_eq!(r.status, 404, "DELETE 255-byte segment: {}", r.describe());
+    // A segment that merely looks like a stored name (its hash is not the
+    // content's) is an ordinary requested name: 203 bytes is too long.
+    let look_alike = format!("/{}_1_{}", "e".repeat(160), sha1_hex(b"other"));
+    assert_eq!(look_alike.len(), 204);
+    assert_400(
+        &node.put(&look_alike, b"x"),
+        "PUT 203-byte look-alike segment",
+    );
+    // With the content's own hash it is kept as it is (a re-PUT).
+    let own = format!("/{}_1_{}", "e".repeat(160), sha1_hex(b"x"));
+    let r = node.put(&own, b"x");
+    assert_eq!(r.status, 201, "PUT to a stored-form name: {}", r.describe());
+    assert_eq!(r.header("location").as_deref(), Some(own.as_str()));
     // Multi-byte characters count in bytes: 101 × "é" = 202 bytes.
     let wide = format!("/{}", "%C3%A9".repeat(101));
     assert_400(
@@ -439,6 +452,8 @@ fn garbage_requests_are_4xx() {
         b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\nConnection: close\r\n\r\nabcd",
         b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nConnection: close\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
         b"GET x.txt HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        // The asterisk form names no file.
+        b"PUT * HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
         b"GARBAGE\r\n\r\n",
         b"PUT /x.txt HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\nConnection: close\r\n\r\nabc",
     ];

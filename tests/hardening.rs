@@ -505,6 +505,25 @@ fn request_heads_over_16_kib_get_431_with_a_reason() {
 }
 
 #[test]
+fn the_head_limit_counts_every_byte_of_the_request_line_and_headers() {
+    let node = Node::start(&[]);
+    // A head of exactly `size` bytes: request line, two headers, a padding
+    // header, and the empty line.
+    let head = |size: usize| {
+        let start = "GET /_status HTTP/1.1\r\nHost: x\r\nConnection: close\r\nX-Pad: ";
+        let pad = size - start.len() - 4;
+        format!("{start}{}\r\n\r\n", "a".repeat(pad)).into_bytes()
+    };
+    let at_limit = head(16 * 1024);
+    assert_eq!(at_limit.len(), 16 * 1024);
+    let r = raw(node.port(), &at_limit);
+    assert_eq!(r.status, 200, "a 16,384-byte head: {}", r.describe());
+    let r = raw(node.port(), &head(16 * 1024 + 1));
+    assert_eq!(r.status, 431, "a 16,385-byte head: {}", r.describe());
+    assert_error_body(&r, "431 for a 16,385-byte head");
+}
+
+#[test]
 fn request_heads_far_over_the_limit_get_431() {
     // Heads over 4 x --max-header-size (at least 64 KiB) are cut off by the
     // HTTP layer before the request is parsed, so that a connection never

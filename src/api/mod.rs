@@ -331,10 +331,7 @@ impl Api {
         if let Some(expected) = &expected {
             same_sha1(expected, &sha1)?;
         }
-        let stored = name::stored_name(&name, &sha1, crate::state::unix_now());
-        // A stored-form name sent with other content gets a second suffix,
-        // which may no longer fit the file system's limits.
-        name::check(&stored, Purpose::Read)?;
+        let stored = name::stored_name_checked(&name, &sha1, crate::state::unix_now())?;
         if self.in_state_dir(&stored) {
             return Err(Error::InStateDirectory);
         }
@@ -783,7 +780,8 @@ fn head_size<B>(req: &Request<B>) -> usize {
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
         + uri.authority().map_or(0, |a| a.as_str().len())
         + uri.path_and_query().map_or(1, |p| p.as_str().len());
-    let line = req.method().as_str().len() + target + 11;
+    // "METHOD SP target SP HTTP/1.1 CRLF"
+    let line = req.method().as_str().len() + target + 12;
     req.headers()
         .iter()
         .map(|(k, v)| k.as_str().len() + v.len() + 4)
@@ -802,12 +800,15 @@ fn is_active_content(mime: &str) -> bool {
 
 /// 304 per RFC 9110 §13.2.2: If-None-Match decides when present, otherwise If-Modified-Since.
 fn not_modified(headers: &HeaderMap, etag: Option<&str>, mtime: SystemTime) -> bool {
-    if let Some(inm) = headers.get(header::IF_NONE_MATCH) {
-        let Ok(inm) = inm.to_str() else { return false };
-        return match etag {
-            Some(etag) => precondition::none_match(inm, etag),
-            None => inm.trim() == "*",
-        };
+    if headers.contains_key(header::IF_NONE_MATCH) {
+        // Repeated header lines are one comma-separated list (RFC 9110 §5.3).
+        return headers.get_all(header::IF_NONE_MATCH).iter().any(|inm| {
+            let Ok(inm) = inm.to_str() else { return false };
+            match etag {
+                Some(etag) => precondition::none_match(inm, etag),
+                None => inm.trim() == "*",
+            }
+        });
     }
     if let Some(ims) = headers
         .get(header::IF_MODIFIED_SINCE)
@@ -978,6 +979,13 @@ mod tests {
         assert!(!not_modified(&h, etag, mtime));
         h.insert(header::IF_NONE_MATCH, hv("W/\"abc\""));
         assert!(not_modified(&h, etag, mtime));
+        // Repeated lines form one list: a match on any line counts.
+        h.insert(header::IF_NONE_MATCH, hv("\"other\""));
+        h.append(header::IF_NONE_MATCH, hv("\"abc\""));
+        assert!(not_modified(&h, etag, mtime));
+        h.insert(header::IF_NONE_MATCH, hv("\"x\""));
+        h.append(header::IF_NONE_MATCH, hv("\"y\""));
+        assert!(!not_modified(&h, etag, mtime));
     }
 
     #[test]
