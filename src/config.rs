@@ -227,6 +227,8 @@ pub enum ConfigError {
     TokenFile(PathBuf, std::io::Error),
     #[error("the token is empty")]
     EmptyToken,
+    #[error("the token must be printable ASCII: it travels in an HTTP header")]
+    TokenNotAscii,
     #[error("--retry-min must not be larger than --retry-max")]
     RetryOrder,
     #[error("--{0} must be larger than zero")]
@@ -279,6 +281,14 @@ impl Cli {
         };
         if token.as_deref().is_some_and(str::is_empty) {
             return Err(ConfigError::EmptyToken);
+        }
+        // Any other byte could never be matched: header values are compared as
+        // ASCII, and a neighbour could not send it.
+        if token
+            .as_deref()
+            .is_some_and(|t| !t.bytes().all(|b| (b' '..=b'~').contains(&b)))
+        {
+            return Err(ConfigError::TokenNotAscii);
         }
         if self.retry_min > self.retry_max {
             return Err(ConfigError::RetryOrder);
@@ -536,6 +546,19 @@ mod tests {
         assert_eq!(cli.into_config().unwrap().token.as_deref(), Some("s3cret"));
         let cli = Cli::parse_from(["cockatiel", "--token", "  "]);
         assert!(matches!(cli.into_config(), Err(ConfigError::EmptyToken)));
+    }
+
+    #[test]
+    fn tokens_must_be_printable_ascii() {
+        for bad in ["pässwörd", "a\u{7f}b", "tab\there"] {
+            let cli = Cli::parse_from(["cockatiel", "--token", bad]);
+            assert!(
+                matches!(cli.into_config(), Err(ConfigError::TokenNotAscii)),
+                "{bad:?}"
+            );
+        }
+        let cli = Cli::parse_from(["cockatiel", "--token", "A-z_0.9~+/="]);
+        assert!(cli.into_config().is_ok());
     }
 
     #[test]

@@ -403,6 +403,26 @@ fn unusable_port_flag_or_directory_fails_at_start() {
         "stderr should name the bad flag: {stderr:?}"
     );
 
+    // A token no client could send in a header.
+    let (status, stderr) = run_expecting_exit(&[
+        "-p",
+        &free,
+        "--storage",
+        storage,
+        "--queue",
+        queue,
+        "--token",
+        "pässwörd",
+    ]);
+    assert!(
+        !status.success(),
+        "a non-ASCII token must give a non-zero exit status, got {status}"
+    );
+    assert!(
+        stderr.contains("token") && stderr.trim().lines().count() == 1,
+        "stderr should say in one line what is wrong with the token: {stderr:?}"
+    );
+
     // A storage "directory" that is a regular file.
     let file = dirs.path().join("not-a-dir");
     std::fs::write(&file, b"x").unwrap();
