@@ -1,4 +1,4 @@
-//! Files on disk: the storage directory and its hidden temporary area.
+//! Files on disk: the storage directory (locked while open) and its hidden temporary area.
 //! Owns every file-system call on stored files: temp files, the atomic
 //! no-replace rename into place, lookups for reading, unlink and the
 //! pruning of emptied directories, and making all of it durable (`Syncer`
@@ -15,8 +15,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
 use rustix::fs::{
-    mkdirat, openat, openat2, renameat_with, statat, syncfs, unlinkat, AtFlags, FileType, Mode,
-    OFlags, RenameFlags, ResolveFlags, Stat, CWD,
+    flock, mkdirat, openat, openat2, renameat_with, statat, syncfs, unlinkat, AtFlags, FileType,
+    FlockOperation, Mode, OFlags, RenameFlags, ResolveFlags, Stat, CWD,
 };
 use rustix::io::Errno;
 
@@ -54,6 +54,8 @@ pub enum StoreError {
     ParentNotDir,
     #[error("a directory or other non-file entry already has this name")]
     NotAFile,
+    #[error("already in use by another cockatiel process")]
+    InUse,
     #[error("storage I/O error: {0}")]
     Io(io::Error),
 }
@@ -65,6 +67,7 @@ impl StoreError {
             StoreError::DiskFull => StoreError::DiskFull,
             StoreError::ParentNotDir => StoreError::ParentNotDir,
             StoreError::NotAFile => StoreError::NotAFile,
+            StoreError::InUse => StoreError::InUse,
             StoreError::Io(e) => StoreError::Io(io::Error::new(e.kind(), e.to_string())),
         }
     }
@@ -157,6 +160,15 @@ impl Store {
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
+        // One node per storage directory: a second one would empty the
+        // temporary area under the first one's uploads. The lock lasts as
+        // long as `root_dir` is open. A file system without locks is served
+        // unguarded rather than not at all.
+        match flock(&root_dir, FlockOperation::NonBlockingLockExclusive) {
+            Ok(()) => {}
+            Err(Errno::WOULDBLOCK) => return Err(StoreError::InUse),
+            Err(e) => tracing::warn!("cannot lock the storage directory: {e}"),
+        }
         match mkdirat(&root_dir, TEMP_DIR, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
@@ -725,6 +737,25 @@ mod tests {
         assert_eq!(store.prepare("f").unwrap().existing, Entry::File);
         put(&store, "d/x", b"x");
         assert_eq!(store.prepare("d").unwrap().existing, Entry::Other);
+    }
+
+    #[test]
+    fn a_storage_directory_serves_one_node_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Store::open(dir.path()).unwrap();
+        let mut temp = first.create_temp().unwrap();
+        temp.write_all(b"in flight").unwrap();
+        assert!(matches!(Store::open(dir.path()), Err(StoreError::InUse)));
+        // The refused second open left the first one's upload alone.
+        assert_eq!(
+            std::fs::read_dir(dir.path().join(TEMP_DIR))
+                .unwrap()
+                .count(),
+            1
+        );
+        drop(temp);
+        drop(first);
+        Store::open(dir.path()).unwrap();
     }
 
     #[test]

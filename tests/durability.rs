@@ -675,3 +675,32 @@ fn a_state_directory_that_is_the_storage_or_in_its_temp_area_is_refused() {
         "refused before anything was emptied"
     );
 }
+
+#[test]
+fn a_second_node_on_the_same_storage_directory_is_refused() {
+    let node = Node::start(&[]);
+    let loc = node.put_ok("/shared.txt", b"the first node's file");
+    // Its own state directory, the first node's storage: starting would
+    // empty the temporary area under the first node's uploads.
+    let other_queue = tempfile::tempdir().unwrap();
+    let port = free_port().to_string();
+    let storage = node.storage();
+    let (status, stderr) = run_expecting_exit(&[
+        "-p",
+        &port,
+        "--storage",
+        storage.to_str().unwrap(),
+        "--queue",
+        other_queue.path().to_str().unwrap(),
+    ]);
+    assert!(
+        !status.success(),
+        "a second node on one storage directory must not start, got {status}"
+    );
+    assert!(
+        stderr.contains("in use") && stderr.trim().lines().count() == 1,
+        "stderr should say in one line that the storage is in use: {stderr:?}"
+    );
+    assert_eq!(node.get(&loc).body, b"the first node's file");
+    node.put_ok("/after.txt", b"the first node still takes uploads");
+}
