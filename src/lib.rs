@@ -49,6 +49,12 @@ pub enum StartError {
 /// and replicate until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let config = Arc::new(config);
+    // The port first: a start that cannot listen leaves no directories
+    // behind. Connections wait in the backlog until the node serves.
+    let addr = format!("{}:{}", config.host, config.port);
+    let listener = tokio::net::TcpListener::bind(&addr)
+        .await
+        .map_err(|e| StartError::Listen(addr.clone(), e))?;
     // Before the storage is opened: opening it empties its temporary area.
     let state_dir = state_dir_in_storage(&config)?;
     let store = Arc::new(
@@ -59,10 +65,6 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
         .map_err(|e| StartError::State(config.queue.clone(), e))?;
     finish_deletions(&store, &state)?;
 
-    let addr = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
-        .await
-        .map_err(|e| StartError::Listen(addr.clone(), e))?;
     let local: Option<SocketAddr> = listener.local_addr().ok();
     // With -p 0 the kernel picks the port: say which.
     let addr = local.map_or(addr, |a| a.to_string());

@@ -380,6 +380,24 @@ fn unusable_port_flag_or_directory_fails_at_start() {
         stderr.contains(&port),
         "stderr should say which port is unusable: {stderr:?}"
     );
+    // Such a start leaves no directories behind.
+    let fresh_storage = dirs.path().join("fresh-storage");
+    let fresh_queue = dirs.path().join("fresh-queue");
+    let (status, _) = run_expecting_exit(&[
+        "-p",
+        &port,
+        "-H",
+        "127.0.0.1",
+        "--storage",
+        fresh_storage.to_str().unwrap(),
+        "--queue",
+        fresh_queue.to_str().unwrap(),
+    ]);
+    assert!(!status.success(), "port in use: {status}");
+    assert!(
+        !fresh_storage.exists() && !fresh_queue.exists(),
+        "a start that cannot listen created its directories"
+    );
     drop(taken);
 
     // A malformed flag value.
