@@ -23,6 +23,7 @@ use std::future::Future;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use config::Config;
 
@@ -49,21 +50,26 @@ pub enum StartError {
 /// and replicate until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let config = Arc::new(config);
-    // The port first: a start that cannot listen leaves no directories
-    // behind. Connections wait in the backlog until the node serves.
+    // The port is claimed first, so that a start that cannot have it leaves
+    // no directories behind; it listens only once the node serves, so that
+    // until then connections are refused rather than left waiting.
     let addr = format!("{}:{}", config.host, config.port);
-    let listener = tokio::net::TcpListener::bind(&addr)
+    let socket = bind(&addr)
         .await
         .map_err(|e| StartError::Listen(addr.clone(), e))?;
+    let locked = lock_storage(&config).await?;
     // Before the storage is opened: opening it empties its temporary area.
     let state_dir = state_dir_in_storage(&config)?;
     let store = Arc::new(
-        store::Store::open(&config.storage)
+        store::Store::open_locked(locked)
             .map_err(|e| StartError::Storage(config.storage.clone(), e))?,
     );
     let state = state::State::open(&config.queue, &config.neighbours)
         .map_err(|e| StartError::State(config.queue.clone(), e))?;
     finish_deletions(&store, &state)?;
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| StartError::Listen(addr.clone(), e))?;
 
     let local: Option<SocketAddr> = listener.local_addr().ok();
     // With -p 0 the kernel picks the port: say which.
@@ -111,6 +117,54 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     tracing::info!("stopped");
     Ok(())
 }
+
+/// Pending connections the kernel keeps for the accept loop.
+const LISTEN_BACKLOG: u32 = 1024;
+
+/// A socket bound to `addr` (the first of its addresses that can be had),
+/// not yet listening.
+async fn bind(addr: &str) -> std::io::Result<tokio::net::TcpSocket> {
+    let mut last = std::io::Error::new(std::io::ErrorKind::NotFound, "no address found");
+    for a in tokio::net::lookup_host(addr).await? {
+        let socket = if a.is_ipv4() {
+            tokio::net::TcpSocket::new_v4()?
+        } else {
+            tokio::net::TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        match socket.bind(a) {
+            Ok(()) => return Ok(socket),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+/// Lock the storage directory. A node being stopped may still hold it while
+/// its last requests finish (up to --shutdown-timeout): a restart waits for
+/// it, a little longer than that, before giving up.
+async fn lock_storage(config: &Config) -> Result<store::Locked, StartError> {
+    let deadline = tokio::time::Instant::now() + config.shutdown_timeout + LOCK_GRACE;
+    let mut said = false;
+    loop {
+        match store::lock(&config.storage) {
+            Err(store::StoreError::InUse) if tokio::time::Instant::now() < deadline => {
+                if !said {
+                    tracing::info!(
+                        "{} is locked by another process; waiting for it to exit",
+                        config.storage.display()
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => return other.map_err(|e| StartError::Storage(config.storage.clone(), e)),
+        }
+    }
+}
+
+/// How much longer than --shutdown-timeout a start waits for the storage lock.
+const LOCK_GRACE: Duration = Duration::from_secs(5);
 
 /// Unlink the files of deletions that were logged but maybe not carried
 /// out before a crash (DESIGN "At start").

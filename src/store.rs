@@ -54,7 +54,7 @@ pub enum StoreError {
     ParentNotDir,
     #[error("a directory or other non-file entry already has this name")]
     NotAFile,
-    #[error("already in use by another cockatiel process")]
+    #[error("locked by another process (is another node running on it?)")]
     InUse,
     #[error("storage I/O error: {0}")]
     Io(io::Error),
@@ -143,39 +143,64 @@ fn entry_of(stat: &Stat) -> Entry {
     }
 }
 
+/// The storage directory, open and locked by this process: one node per
+/// storage directory, since a second one would empty the temporary area
+/// under the first one's uploads. The lock lasts as long as the directory
+/// stays open (it moves into the `Store`).
+#[derive(Debug)]
+pub struct Locked {
+    root: PathBuf,
+    dir: OwnedFd,
+}
+
+/// Open (creating if needed) and lock the storage directory without waiting:
+/// `InUse` while another process holds it. A file system without locks is
+/// served unguarded rather than not at all.
+pub fn lock(root: &Path) -> Result<Locked, StoreError> {
+    if root.exists() && !root.is_dir() {
+        return Err(StoreError::Io(io::Error::new(
+            io::ErrorKind::NotADirectory,
+            "exists and is not a directory",
+        )));
+    }
+    std::fs::create_dir_all(root)?;
+    let dir = openat(
+        CWD,
+        root,
+        OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    match flock(&dir, FlockOperation::NonBlockingLockExclusive) {
+        Ok(()) => {}
+        Err(Errno::WOULDBLOCK) => return Err(StoreError::InUse),
+        Err(e) => tracing::warn!("cannot lock the storage directory: {e}"),
+    }
+    Ok(Locked {
+        root: root.to_path_buf(),
+        dir,
+    })
+}
+
 impl Store {
-    /// Open (creating if needed) the storage directory and empty its
-    /// temporary area: anything there is an upload a crash interrupted.
+    /// Lock and open the storage directory (see `lock` and `open_locked`).
     pub fn open(root: &Path) -> Result<Store, StoreError> {
-        if root.exists() && !root.is_dir() {
-            return Err(StoreError::Io(io::Error::new(
-                io::ErrorKind::NotADirectory,
-                "exists and is not a directory",
-            )));
-        }
-        std::fs::create_dir_all(root)?;
-        let root_dir = openat(
-            CWD,
+        Store::open_locked(lock(root)?)
+    }
+
+    /// Open a locked storage directory and empty its temporary area:
+    /// anything there is an upload a crash interrupted.
+    pub fn open_locked(locked: Locked) -> Result<Store, StoreError> {
+        let Locked {
             root,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )?;
-        // One node per storage directory: a second one would empty the
-        // temporary area under the first one's uploads. The lock lasts as
-        // long as `root_dir` is open. A file system without locks is served
-        // unguarded rather than not at all.
-        match flock(&root_dir, FlockOperation::NonBlockingLockExclusive) {
-            Ok(()) => {}
-            Err(Errno::WOULDBLOCK) => return Err(StoreError::InUse),
-            Err(e) => tracing::warn!("cannot lock the storage directory: {e}"),
-        }
+            dir: root_dir,
+        } = locked;
         match mkdirat(&root_dir, TEMP_DIR, Mode::from_raw_mode(0o700)) {
             Ok(()) | Err(Errno::EXIST) => {}
             Err(e) => return Err(e.into()),
         }
         let temp_dir = open_dir_at(root_dir.as_fd(), TEMP_DIR)?;
         let store = Store {
-            root: root.to_path_buf(),
+            root,
             root_dir,
             temp_dir,
             counter: AtomicU64::new(0),

@@ -703,6 +703,7 @@ fn a_second_node_on_the_same_storage_directory_is_refused() {
     let other_queue = tempfile::tempdir().unwrap();
     let port = free_port().to_string();
     let storage = node.storage();
+    // It waits --shutdown-timeout and a few seconds for the lock, then gives up.
     let (status, stderr) = run_expecting_exit(&[
         "-p",
         &port,
@@ -710,15 +711,83 @@ fn a_second_node_on_the_same_storage_directory_is_refused() {
         storage.to_str().unwrap(),
         "--queue",
         other_queue.path().to_str().unwrap(),
+        "--shutdown-timeout",
+        "0.5",
     ]);
     assert!(
         !status.success(),
         "a second node on one storage directory must not start, got {status}"
     );
     assert!(
-        stderr.contains("in use") && stderr.trim().lines().count() == 1,
-        "stderr should say in one line that the storage is in use: {stderr:?}"
+        stderr
+            .trim()
+            .lines()
+            .last()
+            .is_some_and(|l| l.contains("locked")),
+        "stderr should end with one line saying that the storage is locked: {stderr:?}"
     );
     assert_eq!(node.get(&loc).body, b"the first node's file");
     node.put_ok("/after.txt", b"the first node still takes uploads");
+}
+
+#[test]
+fn a_restart_waits_for_the_stopping_node_to_release_the_storage() {
+    let mut node = Node::start(&["--shutdown-timeout", "3"]);
+    let loc = node.put_ok("/kept.txt", b"kept across the restart");
+    // A stalled upload keeps the stopping node busy for up to --shutdown-timeout.
+    let mut stalled = Conn::open(node.port());
+    stalled
+        .send(b"PUT /stalled.bin HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\npartial")
+        .unwrap();
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &node.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(term.success());
+    let old_port = node.port();
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            std::net::TcpStream::connect(("127.0.0.1", old_port)).is_err()
+        }),
+        "the stopping node kept listening"
+    );
+    assert!(node.is_running(), "the old node should still be draining");
+    // The new process, as a supervisor would start it as soon as the port is free.
+    let port = free_port();
+    let stderr = std::fs::File::create(node.root().join("second.stderr")).unwrap();
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        .args(["-p", &port.to_string(), "-H", "127.0.0.1", "--storage"])
+        .arg(node.storage())
+        .arg("--queue")
+        .arg(node.queue())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    // While it waits for the lock it has its port but does not listen yet:
+    // connections are refused rather than left hanging.
+    let second_stderr = node.root().join("second.stderr");
+    let waiting = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&second_stderr).is_ok_and(|t| t.contains("waiting"))
+    });
+    let refused_while_waiting =
+        waiting && node.is_running() && std::net::TcpStream::connect(("127.0.0.1", port)).is_err();
+    let served = wait_until(Duration::from_secs(15), || {
+        try_request(port, "GET", "/_status", &[], b"").is_ok_and(|r| r.status == 200)
+    });
+    let old_exited = !node.is_running();
+    let kept = request(port, "GET", &loc, &[], b"");
+    let _ = second.kill();
+    let _ = second.wait();
+    assert!(
+        served,
+        "the new node never served: {}",
+        std::fs::read_to_string(node.root().join("second.stderr")).unwrap_or_default()
+    );
+    assert!(waiting, "the new node did not say it waits for the lock");
+    assert!(
+        refused_while_waiting,
+        "a node waiting for its storage should refuse connections"
+    );
+    assert!(old_exited, "the new node served before the old one exited");
+    assert_eq!(kept.body, b"kept across the restart");
 }

@@ -774,7 +774,9 @@ fn multipart(
     resp
 }
 
-/// Bytes of the request line and headers as they came over the wire.
+/// Bytes of the request line and headers, estimated from the parsed
+/// request: exact for the usual `Name: value` layout (the parser drops any
+/// other whitespace around values; hyper's own cap bounds such heads).
 fn head_size<B>(req: &Request<B>) -> usize {
     let uri = req.uri();
     let target = uri.scheme_str().map_or(0, |s| s.len() + 3)
