@@ -23,7 +23,8 @@ use crate::store::{self, Cached, NameLocks, Opened, Store};
 const SAVE_EVERY_OPS: u64 = 1024;
 const SAVE_EVERY: Duration = Duration::from_secs(1);
 
-/// Files up to this size are sent from memory, read in one call.
+/// Files up to this size are sent from memory, read in one call; larger
+/// ones only after a HEAD shows the neighbour lacks them.
 const SMALL_BODY: u64 = 256 * 1024;
 
 /// The next retry delay after a failure: doubling from `min`, capped at `max`.
@@ -240,6 +241,16 @@ impl Sender {
         (op, result)
     }
 
+    /// Whether the neighbour answers 200 to a HEAD of `url` (it has the
+    /// file: as good as a 302 to the PUT). Any failure means "send it".
+    async fn neighbour_has(&self, url: &str) -> bool {
+        let head = self.client.head(url).send();
+        matches!(
+            tokio::time::timeout(self.config.transfer_timeout, head).await,
+            Ok(Ok(r)) if r.status() == reqwest::StatusCode::OK
+        )
+    }
+
     async fn deliver(&self, op: &Op) -> Result<(), String> {
         let url = format!("{}{}", self.neighbour, name::location(&op.name));
         let progress = Progress::new();
@@ -274,6 +285,11 @@ impl Sender {
                         reqwest::Body::from(bytes)
                     }
                     None => {
+                        // A large file: usually a copy going back to where it
+                        // came from. It travels only if the neighbour lacks it.
+                        if self.neighbour_has(&url).await {
+                            return Ok(());
+                        }
                         let tick = progress.clone();
                         reqwest::Body::wrap_stream(store::file_stream(file, 0, len).map(
                             move |chunk| {

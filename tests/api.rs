@@ -1392,3 +1392,42 @@ fn a_deletion_whose_unlink_failed_still_counts() {
     assert_eq!(r.status, 409, "after a restart: {}", r.describe());
     assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
 }
+
+#[test]
+fn a_large_replica_of_a_present_name_is_read_and_checked() {
+    let node = Node::start(&[]);
+    let body = Rng::new(9).bytes(300 * 1024);
+    let sha = sha1_hex(&body);
+    let loc = node.put_ok("/big/replica.bin", &body);
+    // The same content again: 302, and the connection stays usable because
+    // the body was taken.
+    let mut conn = Conn::open(node.port());
+    conn.send(&build_head(
+        node.port(),
+        "PUT",
+        &loc,
+        &[
+            ("X-Content-SHA1", sha.as_str()),
+            ("Connection", "keep-alive"),
+        ],
+        Some(body.len()),
+    ))
+    .unwrap();
+    conn.send(&body).unwrap();
+    let r = conn.read_response(false).expect("answer to the replica");
+    assert_eq!(r.status, 302, "{}", r.describe());
+    conn.send(&build_head(node.port(), "GET", &loc, &[], None))
+        .unwrap();
+    let r = conn
+        .read_response(false)
+        .expect("GET on the same connection");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.body, body);
+    // Other content under the header of this one: 400, nothing changes.
+    let mut other = body.clone();
+    other[1000] ^= 1;
+    let r = node.req("PUT", &loc, &[("X-Content-SHA1", sha.as_str())], &other);
+    assert_eq!(r.status, 400, "{}", r.describe());
+    assert_eq!(node.get(&loc).body, body);
+    assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
+}

@@ -208,3 +208,46 @@ fn unreachable_target_is_retried_until_it_appears() {
     b.restart();
     assert_delivered(&a, &b, &files, &proxy);
 }
+
+#[test]
+fn a_proxy_that_forwards_whole_bodies_first_still_drains_both_ways() {
+    // A simple proxy sends a whole body before it reads the answer, and gives
+    // the client nothing when the target stops reading. Every large file
+    // also goes back from B to A, which already has it.
+    let proxy = Proxy::start();
+    proxy.store_and_forward(true);
+    let (pa, pb) = (free_port(), free_port());
+    let a = Node::start_on(pa, &node_args(pa, &[pb], Some(&proxy.url()), &[]));
+    let b = Node::start_on(pb, &node_args(pb, &[pa], Some(&proxy.url()), &[]));
+    let mut files = upload(&a, 2, 3 * 1024 * 1024, 7);
+    files.extend(upload(&a, 2, 100 * 1024, 8));
+    for (loc, body) in &files {
+        assert!(
+            wait_has(&b, &decoded(loc), body, REPLICATION_BOUND),
+            "{loc} did not reach B intact\n{}\n{}",
+            proxy.describe(),
+            describe_statuses(&[&a, &b])
+        );
+    }
+    wait_queues_empty(
+        &[&a, &b],
+        REPLICATION_BOUND,
+        "through a store-and-forward proxy",
+    );
+    assert_eq!(
+        proxy.count(Fault::Broken),
+        0,
+        "no request should have lost its answer\n{}",
+        proxy.describe()
+    );
+    // The large files did not travel back to A: B asked first.
+    let back_to_a: Vec<_> = proxy
+        .log()
+        .into_iter()
+        .filter(|s| s.port == pa && s.method == "PUT" && s.body_len > 1024 * 1024)
+        .collect();
+    assert!(
+        back_to_a.is_empty(),
+        "large copies sent back to A: {back_to_a:?}"
+    );
+}

@@ -43,9 +43,7 @@ const ALLOW_STATUS: &str = "GET, HEAD";
 const CACHE_CONTROL: &str = "public, max-age=31536000, immutable";
 /// A replica body up to this size is not worth a look at the deletion log
 /// before it arrives (a blocking-thread hop): the upload's own checks
-/// answer 409 just the same. When such a replica is answered 302 early,
-/// its body is still read (and dropped), or hyper would close the
-/// connection and the neighbour reconnect for its next file.
+/// answer 409 just the same.
 const SMALL_REPLICA: u64 = 64 * 1024;
 static X_CONTENT_SHA1: HeaderName = HeaderName::from_static("x-content-sha1");
 
@@ -283,8 +281,8 @@ impl Api {
             if name::content_sha1(&name).as_deref() == Some(sha.as_str())
                 && !self.in_state_dir(&name)
             {
-                let small = length.is_some_and(|len| len <= SMALL_REPLICA)
-                    && !req.headers().contains_key(header::EXPECT);
+                let asks_first = req.headers().contains_key(header::EXPECT);
+                let small = length.is_some_and(|len| len <= SMALL_REPLICA) && !asks_first;
                 let known = {
                     // Under the lock: a file still between its commit and its
                     // rename (not yet durable) must not be reported as present.
@@ -309,20 +307,19 @@ impl Api {
                         }
                     }
                 };
-                match known {
-                    Some(Err(e)) => return Err(e),
-                    Some(Ok(())) => {
-                        // Not under the lock: a stalled body must not hold
-                        // up a deletion or an upload of the name. A small
-                        // body is read (so the connection stays usable) and
-                        // checked like any other; a large one, or one the
-                        // client waits to send, is not asked for.
-                        if small {
-                            self.check_body(req.into_body(), sha).await?;
-                        }
-                        return Ok(located(StatusCode::FOUND, &name));
+                if let Some(result) = known {
+                    // Not under the lock: a stalled body must not hold up a
+                    // deletion or an upload of the name. The body is read and
+                    // checked like any other, so that the connection stays
+                    // usable and a proxy that forwards a whole body before it
+                    // reads the answer gets it taken; only a client that waits
+                    // to be asked (Expect: 100-continue) is spared sending it.
+                    // (Neighbours ask with HEAD before sending a large file.)
+                    if !asks_first {
+                        self.check_body(req.into_body(), sha).await?;
                     }
-                    None => {}
+                    result?;
+                    return Ok(located(StatusCode::FOUND, &name));
                 }
             }
         }
@@ -412,11 +409,16 @@ impl Api {
         Ok((temp, tail, hex(&hasher.finalize())))
     }
 
-    /// Read a small body to its end, keeping nothing, and check that its
+    /// Read a body to its end, keeping nothing, and check that its
     /// SHA1 is `expected`.
     async fn check_body(&self, mut body: Incoming, expected: &str) -> Result<(), Error> {
         let mut hasher = Sha1::new();
+        let mut total: u64 = 0;
         while let Some(data) = self.next_data(&mut body).await? {
+            total += data.len() as u64;
+            if let Some(max) = self.config.max_size.filter(|&max| total > max) {
+                return Err(Error::TooLarge(max));
+            }
             hasher.update(&data);
         }
         same_sha1(expected, &hex(&hasher.finalize()))

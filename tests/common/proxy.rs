@@ -18,6 +18,10 @@
 //! - `random_faults(seed, per_mille_corrupt, per_mille_cut)`: like
 //!   `corrupt`/`cut`, decided per request by a seeded RNG.
 //!
+//! - `store_and_forward(true)`: like a simple proxy, forward the whole body
+//!   before reading the answer; a target that stops reading the body (the
+//!   write fails) gets the client no answer at all.
+//!
 //! Faults that touch a body apply only to requests with a non-empty body.
 //! Every request is recorded (`log()`) with the fault applied to it and the
 //! status the target answered, so tests can check that faults really
@@ -67,6 +71,7 @@ pub struct Seen {
 struct Shared {
     stop: AtomicBool,
     refuse_all: AtomicBool,
+    store_and_forward: AtomicBool,
     refuse_ports: Mutex<Vec<u16>>,
     corrupt_left: AtomicUsize,
     cut_left: AtomicUsize,
@@ -138,6 +143,11 @@ impl Proxy {
             .stall_ms
             .store(pause.as_millis() as u64, Ordering::SeqCst);
         self.shared.stall_left.store(n, Ordering::SeqCst);
+    }
+
+    /// Forward each whole body before reading the answer, while `on`.
+    pub fn store_and_forward(&self, on: bool) {
+        self.shared.store_and_forward.store(on, Ordering::SeqCst);
     }
 
     /// Close every new connection without an answer while `on`.
@@ -443,11 +453,11 @@ fn handle(mut client: TcpStream, shared: &Arc<Shared>) -> Option<Seen> {
         let fault = seen.fault;
         let stall = Duration::from_millis(shared.stall_ms.load(Ordering::SeqCst));
         let shared_b = shared.clone();
-        thread::spawn(move || -> bool {
+        thread::spawn(move || -> (bool, bool) {
             if chunked {
-                let _ = upstream_w.write_all(&early_body);
-                let _ = io::copy(&mut client_r, &mut upstream_w);
-                return false;
+                let complete = upstream_w.write_all(&early_body).is_ok()
+                    && io::copy(&mut client_r, &mut upstream_w).is_ok();
+                return (false, complete);
             }
             let half = content_length / 2;
             let mut sent: u64 = 0;
@@ -481,16 +491,29 @@ fn handle(mut client: TcpStream, shared: &Arc<Shared>) -> Option<Seen> {
                     }
                     let _ = upstream_s.shutdown(Shutdown::Both);
                     let _ = client_s.shutdown(Shutdown::Both);
-                    return gave_up;
+                    return (gave_up, false);
                 }
                 if upstream_w.write_all(&piece).is_err() {
                     break;
                 }
                 sent += take as u64;
             }
-            gave_up
+            (gave_up, sent == content_length)
         })
     };
+    let mut body_thread = Some(body_thread);
+    if shared.store_and_forward.load(Ordering::SeqCst) && seen.fault == Fault::None {
+        let complete = body_thread
+            .take()
+            .and_then(|t| t.join().ok())
+            .is_some_and(|(_, complete)| complete);
+        if !complete {
+            seen.fault = Fault::Broken;
+            let _ = client.shutdown(Shutdown::Both);
+            let _ = upstream.shutdown(Shutdown::Both);
+            return Some(seen);
+        }
+    }
 
     // Relay the answer.
     let mut status = None;
@@ -527,13 +550,17 @@ fn handle(mut client: TcpStream, shared: &Arc<Shared>) -> Option<Seen> {
     if matches!(seen.fault, Fault::Cut | Fault::Stalled) {
         // The body thread ends these itself; closing the client first would
         // look like the client giving up.
-        seen.client_gave_up = body_thread.join().unwrap_or(false);
+        seen.client_gave_up = body_thread
+            .and_then(|t| t.join().ok())
+            .is_some_and(|(gave_up, _)| gave_up);
         let _ = client.shutdown(Shutdown::Both);
         let _ = upstream.shutdown(Shutdown::Both);
     } else {
         let _ = client.shutdown(Shutdown::Both);
         let _ = upstream.shutdown(Shutdown::Both);
-        let _ = body_thread.join();
+        if let Some(t) = body_thread {
+            let _ = t.join();
+        }
     }
     Some(seen)
 }
