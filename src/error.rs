@@ -67,6 +67,7 @@ impl Error {
             // answer instead of retrying for ever.
             Error::Deleted | Error::InStateDirectory => StatusCode::CONFLICT,
             Error::Store(StoreError::DiskFull) => StatusCode::INSUFFICIENT_STORAGE,
+            Error::State(e) if e.is_disk_full() => StatusCode::INSUFFICIENT_STORAGE,
             Error::Store(StoreError::Io(_) | StoreError::InUse)
             | Error::State(_)
             | Error::Task(_) => StatusCode::INTERNAL_SERVER_ERROR,

@@ -7,10 +7,13 @@
 //! share one fsync. Writes that must survive a crash (a new file, a new
 //! deletion) are committed durably before the caller is answered; the rest
 //! (positions, cleanup) ride along or commit without fsync, because losing
-//! them only repeats harmless work. This module never touches stored files.
+//! them only repeats harmless work. After a failed commit (a full disk,
+//! say) the database is opened again before the next one, since redb
+//! refuses every write after an I/O error until then. This module never
+//! touches stored files.
 
 use std::collections::HashSet;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -36,6 +39,82 @@ pub enum StateError {
     WriterGone,
     #[error("corrupt operation {0} in the state database")]
     CorruptOp(u64),
+    #[error("the state database is being reopened after an I/O error")]
+    Reopening,
+}
+
+impl StateError {
+    /// Whether the disk (or a quota) is full: 507 rather than 500.
+    pub fn is_disk_full(&self) -> bool {
+        let io = match self {
+            StateError::Db(redb::Error::Io(e)) => e,
+            _ => return false,
+        };
+        is_full(io)
+    }
+
+    /// The same error again, for each of several waiters.
+    fn copy(&self) -> StateError {
+        if self.is_disk_full() {
+            return StateError::Db(redb::Error::Io(std::io::Error::from_raw_os_error(
+                libc::ENOSPC,
+            )));
+        }
+        match self {
+            StateError::WriterGone => StateError::WriterGone,
+            StateError::CorruptOp(n) => StateError::CorruptOp(*n),
+            StateError::Reopening => StateError::Reopening,
+            StateError::Db(e) => {
+                StateError::Db(redb::Error::Io(std::io::Error::other(e.to_string())))
+            }
+        }
+    }
+}
+
+fn is_full(e: &std::io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+        || e.kind() == std::io::ErrorKind::StorageFull
+}
+
+/// The open database, replaced after an I/O error: redb refuses every write
+/// after one ("Previous I/O error occurred") until it is opened again, and
+/// only one handle per file may be open.
+struct Slot {
+    path: PathBuf,
+    db: std::sync::RwLock<Option<Arc<Database>>>,
+}
+
+impl Slot {
+    fn handle(&self) -> Result<Arc<Database>, StateError> {
+        self.db
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StateError::Reopening)
+    }
+
+    /// Drop this handle and open the file again. Readers may still hold the
+    /// old one for a moment, so an "already open" is retried briefly; on
+    /// failure the slot stays empty and the next batch tries again.
+    fn reopen(&self) -> Result<(), StateError> {
+        let mut slot = self.db.write().unwrap_or_else(|p| p.into_inner());
+        slot.take();
+        let mut last = None;
+        for _ in 0..50 {
+            match Database::create(&self.path) {
+                Ok(db) => {
+                    *slot = Some(Arc::new(db));
+                    return Ok(());
+                }
+                Err(redb::DatabaseError::DatabaseAlreadyOpen) => {
+                    last = Some(redb::DatabaseError::DatabaseAlreadyOpen);
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                Err(e) => return Err(db_err(e)),
+            }
+        }
+        Err(last.map_or(StateError::Reopening, db_err))
+    }
 }
 
 fn db_err<E: Into<redb::Error>>(e: E) -> StateError {
@@ -148,7 +227,7 @@ pub struct QueueInfo {
 /// Handle to the state database; cheap to clone.
 #[derive(Clone)]
 pub struct State {
-    db: Arc<Database>,
+    db: Arc<Slot>,
     tx: std_mpsc::Sender<Cmd>,
     last_seq: watch::Receiver<u64>,
     neighbours: Arc<Vec<String>>,
@@ -163,7 +242,8 @@ impl State {
     /// Open (or create) `dir/state.redb` and start the writer thread.
     pub fn open(dir: &Path, neighbours: &[String]) -> Result<State, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| db_err(redb::StorageError::Io(e)))?;
-        let db = Arc::new(Database::create(dir.join("state.redb")).map_err(db_err)?);
+        let path = dir.join("state.redb");
+        let db = Arc::new(Database::create(&path).map_err(db_err)?);
         let next_seq = {
             let txn = db.begin_write().map_err(db_err)?;
             let next = {
@@ -192,8 +272,13 @@ impl State {
         };
         let (tx, rx) = std_mpsc::channel();
         let (seq_tx, last_seq) = watch::channel(next_seq - 1);
+        let db = Arc::new(Slot {
+            path,
+            db: std::sync::RwLock::new(Some(db)),
+        });
         let writer = Writer {
             db: db.clone(),
+            broken: false,
             next_seq,
             neighbours: neighbours.to_vec(),
             seq_tx,
@@ -291,14 +376,14 @@ impl State {
     }
 
     pub fn is_deleted(&self, name: &str) -> Result<bool, StateError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(DELETED).map_err(db_err)?;
         Ok(table.get(name).map_err(db_err)?.is_some())
     }
 
     /// Names whose deletion was logged but whose unlink may not have happened.
     pub fn pending_unlinks(&self) -> Result<Vec<String>, StateError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(PENDING_UNLINK).map_err(db_err)?;
         let mut names = Vec::new();
         for item in table.iter().map_err(db_err)? {
@@ -310,7 +395,7 @@ impl State {
 
     /// The position up to which `neighbour` has accepted everything.
     pub fn position(&self, neighbour: &str) -> Result<u64, StateError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(POSITIONS).map_err(db_err)?;
         Ok(table
             .get(neighbour)
@@ -320,7 +405,7 @@ impl State {
 
     /// Up to `limit` operations with a sequence number above `after`.
     pub fn ops_after(&self, after: u64, limit: usize) -> Result<Vec<Op>, StateError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
         let table = txn.open_table(OPLOG).map_err(db_err)?;
         let mut ops = Vec::new();
         for item in table
@@ -337,7 +422,7 @@ impl State {
     /// Queue figures for every configured neighbour. `live` gives a
     /// neighbour's position when it is newer than the saved one.
     pub fn queues(&self, live: impl Fn(&str) -> Option<u64>) -> Result<Vec<QueueInfo>, StateError> {
-        let txn = self.db.begin_read().map_err(db_err)?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
         let oplog = txn.open_table(OPLOG).map_err(db_err)?;
         let positions = txn.open_table(POSITIONS).map_err(db_err)?;
         let meta = txn.open_table(META).map_err(db_err)?;
@@ -377,7 +462,9 @@ pub fn unix_now() -> u64 {
 }
 
 struct Writer {
-    db: Arc<Database>,
+    db: Arc<Slot>,
+    /// A commit failed on an I/O error: reopen before the next one.
+    broken: bool,
     next_seq: u64,
     neighbours: Vec<String>,
     seq_tx: watch::Sender<u64>,
@@ -395,6 +482,24 @@ enum Reply {
     Flush(oneshot::Sender<Result<(), StateError>>),
 }
 
+/// Answer every caller in a batch that could not be committed.
+fn fail_batch(batch: Vec<Cmd>, e: &StateError) {
+    for cmd in batch {
+        match cmd {
+            Cmd::Put(_, tx) => {
+                let _ = tx.send(Err(e.copy()));
+            }
+            Cmd::Delete(_, tx) => {
+                let _ = tx.send(Err(e.copy()));
+            }
+            Cmd::Flush(tx) => {
+                let _ = tx.send(Err(e.copy()));
+            }
+            Cmd::Unlinked(_) | Cmd::Accepted(..) => {}
+        }
+    }
+}
+
 impl Writer {
     fn run(mut self, rx: std_mpsc::Receiver<Cmd>) {
         while let Ok(first) = rx.recv() {
@@ -403,6 +508,16 @@ impl Writer {
                 match rx.try_recv() {
                     Ok(cmd) => batch.push(cmd),
                     Err(_) => break,
+                }
+            }
+            if self.broken {
+                match self.reopen() {
+                    Ok(()) => self.broken = false,
+                    Err(e) => {
+                        tracing::error!("reopening the state database: {e}");
+                        fail_batch(batch, &e);
+                        continue;
+                    }
                 }
             }
             let start_seq = self.next_seq;
@@ -430,26 +545,23 @@ impl Writer {
                 Err(e) => {
                     self.next_seq = start_seq;
                     tracing::error!("state commit failed: {e}");
-                    let msg = e.to_string();
-                    for cmd in batch {
-                        let err =
-                            || StateError::Db(redb::Error::Io(std::io::Error::other(msg.clone())));
-                        match cmd {
-                            Cmd::Put(_, tx) => {
-                                let _ = tx.send(Err(err()));
-                            }
-                            Cmd::Delete(_, tx) => {
-                                let _ = tx.send(Err(err()));
-                            }
-                            Cmd::Flush(tx) => {
-                                let _ = tx.send(Err(err()));
-                            }
-                            Cmd::Unlinked(_) | Cmd::Accepted(..) => {}
-                        }
-                    }
+                    // redb refuses every write after an I/O error until it
+                    // is opened again (e.g. once a full disk has room).
+                    self.broken = matches!(e, StateError::Db(_));
+                    fail_batch(batch, &e);
                 }
             }
         }
+    }
+
+    /// Open the database again and take up its sequence where it stands.
+    fn reopen(&mut self) -> Result<(), StateError> {
+        self.db.reopen()?;
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        self.next_seq = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
+        tracing::info!("state database reopened");
+        Ok(())
     }
 
     /// Apply a batch in one transaction. Replies are taken out of the batch
@@ -458,7 +570,7 @@ impl Writer {
         let durable = batch
             .iter()
             .any(|c| matches!(c, Cmd::Put(..) | Cmd::Delete(..) | Cmd::Flush(_)));
-        let mut txn = self.db.begin_write().map_err(db_err)?;
+        let mut txn = self.db.handle()?.begin_write().map_err(db_err)?;
         txn.set_durability(if durable {
             Durability::Immediate
         } else {
@@ -563,6 +675,19 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_full_disk_is_told_apart_and_survives_the_copy_for_each_waiter() {
+        let full = StateError::Db(redb::Error::Io(std::io::Error::from_raw_os_error(
+            libc::ENOSPC,
+        )));
+        assert!(full.is_disk_full());
+        assert!(full.copy().is_disk_full());
+        let other = StateError::Db(redb::Error::Io(std::io::Error::other("bad sector")));
+        assert!(!other.is_disk_full());
+        assert!(!other.copy().is_disk_full());
+        assert!(!StateError::Reopening.is_disk_full());
+    }
 
     #[tokio::test]
     async fn an_unlink_is_pending_from_a_new_deletion_until_unlinked() {

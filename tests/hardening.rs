@@ -1708,3 +1708,105 @@ fn response_parser_sees_every_status() {
     assert!(response_statuses(b"garbage", false).is_err());
     assert_eq!(response_statuses(b"", false), Ok(vec![]));
 }
+
+/// A tmpfs mounted on a directory until dropped.
+struct Mounted(PathBuf);
+
+impl Mounted {
+    /// None (after saying so) when mounting is impossible because this is
+    /// not root.
+    fn tmpfs(at: &std::path::Path, size: &str) -> Option<Mounted> {
+        fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(at)
+            .output();
+        match out {
+            Ok(o) if o.status.success() => Some(Mounted(at.to_path_buf())),
+            other if !is_root() => {
+                eprintln!("SKIPPED: cannot mount a tmpfs (not root): {other:?}");
+                None
+            }
+            other => panic!("mount -t tmpfs failed although running as root: {other:?}"),
+        }
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(&self.0)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+}
+
+/// Fill the file system under `dir` with one file until it is full.
+fn fill(dir: &std::path::Path) -> PathBuf {
+    let path = dir.join("filler");
+    let mut f = fs::File::create(&path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    path
+}
+
+#[test]
+fn a_full_state_disk_gets_507_and_the_node_recovers_without_a_restart() {
+    // A neighbour that never answers, so that the operation log grows.
+    let (port, dead) = (free_port(), free_port());
+    let mut node = Node::prepare(port, &node_args(port, &[dead], None, &[]));
+    let Some(mount) = Mounted::tmpfs(&node.queue(), "2m") else {
+        return;
+    };
+    node.restart();
+    let keep = node.put_ok("/s/keep.txt", b"stored before the disk filled");
+    let filler = fill(&node.queue());
+    // Uploads until a state commit needs room it cannot have.
+    let mut refused = None;
+    for i in 0..3000 {
+        let r = node.put(&format!("/s/f{i}.txt"), format!("file {i}").as_bytes());
+        if r.status != 201 {
+            refused = Some(r);
+            break;
+        }
+    }
+    let r = refused.expect("the state database never ran out of room");
+    assert_eq!(
+        r.status,
+        507,
+        "upload on a full state disk: {}",
+        r.describe()
+    );
+    assert_error_body(&r, "507 for a full state disk");
+    let r = node.delete(&keep);
+    assert_eq!(
+        r.status,
+        507,
+        "deletion on a full state disk: {}",
+        r.describe()
+    );
+    assert_eq!(node.get(&keep).status, 200, "nothing stored is lost");
+    // Room again: uploads and deletions work without a restart.
+    fs::remove_file(&filler).unwrap();
+    let mut last = None;
+    let recovered = wait_until(Duration::from_secs(10), || {
+        let r = node.put("/s/after.txt", b"after the disk had room again");
+        let ok = matches!(r.status, 201 | 302);
+        last = Some(r);
+        ok
+    });
+    assert!(
+        recovered,
+        "uploads did not recover: {}",
+        last.map(|r| r.describe()).unwrap_or_default()
+    );
+    let r = node.delete(&keep);
+    assert_eq!(r.status, 200, "deletion after recovery: {}", r.describe());
+    assert!(node.is_running());
+    node.kill9();
+    drop(mount);
+}
