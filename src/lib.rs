@@ -50,6 +50,7 @@ pub enum StartError {
 /// and replicate until `shutdown` resolves.
 pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
     let config = Arc::new(config);
+    tokio::pin!(shutdown);
     // The port is claimed first, so that a start that cannot have it leaves
     // no directories behind; it listens only once the node serves, so that
     // until then connections are refused rather than left waiting.
@@ -57,7 +58,14 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let socket = bind(&addr)
         .await
         .map_err(|e| StartError::Listen(addr.clone(), e))?;
-    let locked = lock_storage(&config).await?;
+    // A stop asked for while waiting for the lock ends the start cleanly.
+    let locked = tokio::select! {
+        locked = lock_storage(&config) => locked?,
+        () = &mut shutdown => {
+            tracing::info!("stopped before serving");
+            return Ok(());
+        }
+    };
     // Before the storage is opened: opening it empties its temporary area.
     let state_dir = state_dir_in_storage(&config)?;
     let store = Arc::new(

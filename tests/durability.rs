@@ -791,3 +791,55 @@ fn a_restart_waits_for_the_stopping_node_to_release_the_storage() {
     assert!(old_exited, "the new node served before the old one exited");
     assert_eq!(kept.body, b"kept across the restart");
 }
+
+#[test]
+fn sigterm_while_waiting_for_the_storage_lock_exits_zero() {
+    let node = Node::start(&[]);
+    let other_queue = tempfile::tempdir().unwrap();
+    let stderr_path = other_queue.path().join("stderr");
+    let stderr = std::fs::File::create(&stderr_path).unwrap();
+    // Waits up to --shutdown-timeout (60 s here) + 5 s for the first node.
+    let mut second = std::process::Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        .args([
+            "-p",
+            &free_port().to_string(),
+            "-H",
+            "127.0.0.1",
+            "--storage",
+        ])
+        .arg(node.storage())
+        .arg("--queue")
+        .arg(other_queue.path().join("q"))
+        .args(["--shutdown-timeout", "60"])
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    let waiting = wait_until(Duration::from_secs(5), || {
+        std::fs::read_to_string(&stderr_path).is_ok_and(|t| t.contains("waiting"))
+    });
+    let term = std::process::Command::new("kill")
+        .args(["-TERM", &second.id().to_string()])
+        .status()
+        .unwrap();
+    let mut status = None;
+    let exited = wait_until(Duration::from_secs(3), || {
+        status = second.try_wait().unwrap();
+        status.is_some()
+    });
+    if !exited {
+        let _ = second.kill();
+        let _ = second.wait();
+    }
+    assert!(waiting, "the second node did not wait for the lock");
+    assert!(term.success());
+    assert!(
+        exited,
+        "SIGTERM did not stop a node waiting for its storage"
+    );
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "exit status {status:?}: {}",
+        std::fs::read_to_string(&stderr_path).unwrap_or_default()
+    );
+    assert_eq!(node.get("/_status").status, 200, "the first node serves on");
+}
