@@ -52,8 +52,8 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     let config = Arc::new(config);
     tokio::pin!(shutdown);
     // The port is claimed first, so that a start that cannot have it leaves
-    // no directories behind; it listens only once the node serves, so that
-    // until then connections are refused rather than left waiting.
+    // no directories behind; it listens only once it holds the storage, so
+    // that while it waits for a stopping node connections are refused.
     let addr = format!("{}:{}", config.host, config.port);
     let socket = bind(&addr)
         .await
@@ -66,18 +66,29 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
             return Ok(());
         }
     };
+    // Listening now makes the port ours for good (two starting nodes may
+    // both have bound it) before anything on disk is touched; requests wait
+    // in the backlog while the state opens.
+    let listener = socket
+        .listen(LISTEN_BACKLOG)
+        .map_err(|e| StartError::Listen(addr.clone(), e))?;
     // Before the storage is opened: opening it empties its temporary area.
     let state_dir = state_dir_in_storage(&config)?;
     let store = Arc::new(
         store::Store::open_locked(locked)
             .map_err(|e| StartError::Storage(config.storage.clone(), e))?,
     );
-    let state = state::State::open(&config.queue, &config.neighbours)
-        .map_err(|e| StartError::State(config.queue.clone(), e))?;
+    // A stopping node may close its database a moment after its storage.
+    let deadline = tokio::time::Instant::now() + LOCK_GRACE;
+    let state = loop {
+        match state::State::open(&config.queue, &config.neighbours) {
+            Err(e) if e.is_already_open() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other.map_err(|e| StartError::State(config.queue.clone(), e))?,
+        }
+    };
     finish_deletions(&store, &state)?;
-    let listener = socket
-        .listen(LISTEN_BACKLOG)
-        .map_err(|e| StartError::Listen(addr.clone(), e))?;
 
     let local: Option<SocketAddr> = listener.local_addr().ok();
     // With -p 0 the kernel picks the port: say which.

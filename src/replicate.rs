@@ -163,7 +163,12 @@ impl Sender {
                                 in_flight.spawn(me.clone().send(op));
                             }
                         }
-                        Err(e) => tracing::error!("replication to {}: {e}", me.neighbour),
+                        Err(e) => {
+                            // No later change may come to wake us: look again
+                            // after a pause.
+                            tracing::error!("replication to {}: {e}", me.neighbour);
+                            resume_at = Some(tokio::time::Instant::now() + me.config.retry_min);
+                        }
                     }
                 }
                 me.stats.update(&me.neighbour, |s| {
@@ -241,14 +246,27 @@ impl Sender {
         (op, result)
     }
 
-    /// Whether the neighbour answers 200 to a HEAD of `url` (it has the
-    /// file: as good as a 302 to the PUT). Any failure means "send it".
-    async fn neighbour_has(&self, url: &str) -> bool {
-        let head = self.client.head(url).send();
-        matches!(
-            tokio::time::timeout(self.config.transfer_timeout, head).await,
-            Ok(Ok(r)) if r.status() == reqwest::StatusCode::OK
-        )
+    /// Whether the neighbour answers a HEAD of `url` with this very file
+    /// (200, its length, the ETag of its name's hash): as good as a 302 to
+    /// the PUT. Anything else, or no answer in time, means "send it".
+    async fn neighbour_has(&self, url: &str, len: u64, name: &str) -> bool {
+        let Some(sha1) = name::content_sha1(name) else {
+            return false;
+        };
+        // Not from a cache on the way: the neighbour itself must say so.
+        let head = self
+            .client
+            .head(url)
+            .header(reqwest::header::CACHE_CONTROL, "no-cache")
+            .send();
+        let Ok(Ok(r)) = tokio::time::timeout(self.config.transfer_timeout, head).await else {
+            return false;
+        };
+        let header = |h| r.headers().get(h).and_then(|v| v.to_str().ok());
+        r.status() == reqwest::StatusCode::OK
+            && header(reqwest::header::CONTENT_LENGTH) == Some(len.to_string().as_str())
+            && header(reqwest::header::ETAG)
+                .is_some_and(|e| e.trim_matches('"').eq_ignore_ascii_case(&sha1))
     }
 
     async fn deliver(&self, op: &Op) -> Result<(), String> {
@@ -287,9 +305,12 @@ impl Sender {
                     None => {
                         // A large file: usually a copy going back to where it
                         // came from. It travels only if the neighbour lacks it.
-                        if self.neighbour_has(&url).await {
+                        if self.neighbour_has(&url, len, &op.name).await {
                             return Ok(());
                         }
+                        // The no-progress clock starts with the upload, not
+                        // with the question before it.
+                        progress.touch();
                         let tick = progress.clone();
                         reqwest::Body::wrap_stream(store::file_stream(file, 0, len).map(
                             move |chunk| {

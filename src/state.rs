@@ -53,6 +53,11 @@ impl StateError {
         is_full(io)
     }
 
+    /// Whether another handle (another process) has the database open.
+    pub fn is_already_open(&self) -> bool {
+        matches!(self, StateError::Db(redb::Error::DatabaseAlreadyOpen))
+    }
+
     /// The same error again, for each of several waiters.
     fn copy(&self) -> StateError {
         if self.is_disk_full() {

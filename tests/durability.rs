@@ -771,7 +771,7 @@ fn a_restart_waits_for_the_stopping_node_to_release_the_storage() {
     });
     let refused_while_waiting =
         waiting && node.is_running() && std::net::TcpStream::connect(("127.0.0.1", port)).is_err();
-    let served = wait_until(Duration::from_secs(15), || {
+    let served = wait_until(Duration::from_secs(30), || {
         try_request(port, "GET", "/_status", &[], b"").is_ok_and(|r| r.status == 200)
     });
     let old_exited = !node.is_running();

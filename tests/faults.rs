@@ -251,3 +251,76 @@ fn a_proxy_that_forwards_whole_bodies_first_still_drains_both_ways() {
         "large copies sent back to A: {back_to_a:?}"
     );
 }
+
+/// A neighbour that answers HEAD slowly (every other time) or with a 200
+/// that is not the file (the other times), and records the PUT bodies it
+/// gets (answered 201).
+fn odd_neighbour() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let got = bodies.clone();
+    std::thread::spawn(move || {
+        for (i, conn) in listener.incoming().enumerate() {
+            let Ok(conn) = conn else { return };
+            let got = got.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                let mut line = String::new();
+                let mut first = String::new();
+                let mut len = 0usize;
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if first.is_empty() {
+                        first = line.clone();
+                    }
+                    let l = line.to_ascii_lowercase();
+                    if let Some(v) = l.strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                if first.starts_with("HEAD") {
+                    if i % 2 == 0 {
+                        std::thread::sleep(Duration::from_millis(2500));
+                    }
+                    let _ = writer.write_all(
+                        b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                    return;
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_ok() {
+                    got.lock().unwrap().push(body);
+                    let _ = writer.write_all(
+                        b"HTTP/1.1 201 Created\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+                    );
+                }
+            });
+        }
+    });
+    (port, bodies)
+}
+
+#[test]
+fn a_large_file_is_sent_whatever_the_question_before_it_got() {
+    let (fake, bodies) = odd_neighbour();
+    let pa = free_port();
+    // node_args gives --transfer-timeout 2: the slow HEAD takes 2.5 s.
+    let a = Node::start_on(pa, &node_args(pa, &[fake], None, &[]));
+    let body = Rng::new(77).bytes(300 * 1024);
+    a.put_ok("/large/odd.bin", &body);
+    let arrived = wait_until(REPLICATION_BOUND, || bodies.lock().unwrap().contains(&body));
+    assert!(
+        arrived,
+        "the file never reached a neighbour whose HEAD was slow or not the file\n{}",
+        describe_statuses(&[&a])
+    );
+}
