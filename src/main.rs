@@ -61,7 +61,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let result = runtime.block_on(cockatiel::run(config, shutdown_signal()));
+    // The handlers are in place before anything starts, so that a stop at
+    // any moment of the start is a clean one (exit 0).
+    let stop = runtime.block_on(async { stop_signals() });
+    let result = runtime.block_on(cockatiel::run(config, stop));
     // Blocking file work still running is cut after a bound; a cut upload
     // leaves only a temp file, which the next start removes.
     runtime.shutdown_timeout(std::time::Duration::from_secs(5));
@@ -124,18 +127,24 @@ fn say(text: &str) {
     let _ = out.write_all(text.as_bytes()).and_then(|()| out.flush());
 }
 
-/// Resolves on SIGTERM or SIGINT.
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// Install the SIGTERM and SIGINT handlers now; the future resolves on
+/// either.
+fn stop_signals() -> impl std::future::Future<Output = ()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let term = signal(SignalKind::terminate()).ok();
+    let int = signal(SignalKind::interrupt()).ok();
+    async move {
+        let wait = |s: Option<tokio::signal::unix::Signal>| async move {
+            match s {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending().await,
             }
-            Err(_) => std::future::pending().await,
+        };
+        tokio::select! {
+            () = wait(term) => {}
+            () = wait(int) => {}
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
     }
 }
