@@ -31,6 +31,9 @@ const NEXT_SEQ: &str = "next_seq";
 /// Most commands folded into one transaction.
 const MAX_BATCH: usize = 4096;
 
+/// Least time between two reopenings of a database whose commits fail.
+const REOPEN_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
     #[error("state database: {0}")]
@@ -284,6 +287,8 @@ impl State {
         let writer = Writer {
             db: db.clone(),
             broken: false,
+            failed: None,
+            reopened_at: None,
             next_seq,
             neighbours: neighbours.to_vec(),
             seq_tx,
@@ -470,6 +475,12 @@ struct Writer {
     db: Arc<Slot>,
     /// A commit failed on an I/O error: reopen before the next one.
     broken: bool,
+    /// The last failure and when the database was last reopened: while it
+    /// keeps failing (a disk still full), reopening (which blocks readers)
+    /// is tried at most every `REOPEN_EVERY`, and batches in between get
+    /// the same answer at once.
+    failed: Option<StateError>,
+    reopened_at: Option<std::time::Instant>,
     next_seq: u64,
     neighbours: Vec<String>,
     seq_tx: watch::Sender<u64>,
@@ -516,6 +527,14 @@ impl Writer {
                 }
             }
             if self.broken {
+                let too_soon = self
+                    .reopened_at
+                    .is_some_and(|at| at.elapsed() < REOPEN_EVERY);
+                if let (true, Some(e)) = (too_soon, &self.failed) {
+                    fail_batch(batch, e);
+                    continue;
+                }
+                self.reopened_at = Some(std::time::Instant::now());
                 match self.reopen() {
                     Ok(()) => self.broken = false,
                     Err(e) => {
@@ -554,6 +573,7 @@ impl Writer {
                     // is opened again (e.g. once a full disk has room).
                     self.broken = matches!(e, StateError::Db(_));
                     fail_batch(batch, &e);
+                    self.failed = Some(e);
                 }
             }
         }
