@@ -63,7 +63,10 @@ fn main() -> ExitCode {
     };
     // The handlers are in place before anything starts, so that a stop at
     // any moment of the start is a clean one (exit 0).
-    let stop = runtime.block_on(async { stop_signals() });
+    let stop = {
+        let _in_runtime = runtime.enter();
+        stop_signals()
+    };
     let result = runtime.block_on(cockatiel::run(config, stop));
     // Blocking file work still running is cut after a bound; a cut upload
     // leaves only a temp file, which the next start removes.
