@@ -166,11 +166,7 @@ fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed
         Err(e) => {
             tracing::error!("logging uploads failed: {e}");
             for r in ready {
-                let _ = r.reply.send(Err(if e.is_disk_full() {
-                    Error::Store(StoreError::DiskFull)
-                } else {
-                    Error::Task(format!("state database: {e}"))
-                }));
+                let _ = r.reply.send(Err(Error::State(e.copy())));
             }
             return Vec::new();
         }

@@ -53,7 +53,7 @@ impl StateError {
             StateError::Db(redb::Error::Io(e)) => e,
             _ => return false,
         };
-        is_full(io)
+        crate::store::is_disk_full(io)
     }
 
     /// Whether another handle (another process) has the database open.
@@ -62,7 +62,7 @@ impl StateError {
     }
 
     /// The same error again, for each of several waiters.
-    fn copy(&self) -> StateError {
+    pub fn copy(&self) -> StateError {
         if self.is_disk_full() {
             return StateError::Db(redb::Error::Io(std::io::Error::from_raw_os_error(
                 libc::ENOSPC,
@@ -77,11 +77,6 @@ impl StateError {
             }
         }
     }
-}
-
-fn is_full(e: &std::io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
-        || e.kind() == std::io::ErrorKind::StorageFull
 }
 
 /// The open database, replaced after an I/O error: redb refuses every write
@@ -286,7 +281,6 @@ impl State {
         });
         let writer = Writer {
             db: db.clone(),
-            broken: false,
             failed: None,
             reopened_at: None,
             next_seq,
@@ -473,12 +467,10 @@ pub fn unix_now() -> u64 {
 
 struct Writer {
     db: Arc<Slot>,
-    /// A commit failed on an I/O error: reopen before the next one.
-    broken: bool,
-    /// The last failure and when the database was last reopened: while it
-    /// keeps failing (a disk still full), reopening (which blocks readers)
-    /// is tried at most every `REOPEN_EVERY`, and batches in between get
-    /// the same answer at once.
+    /// The database error of the last commit, if it failed: the database is
+    /// reopened before the next one. While it keeps failing (a disk still
+    /// full), reopening (which blocks readers) is tried at most every
+    /// `REOPEN_EVERY`, and batches in between get this answer at once.
     failed: Option<StateError>,
     reopened_at: Option<std::time::Instant>,
     next_seq: u64,
@@ -526,17 +518,17 @@ impl Writer {
                     Err(_) => break,
                 }
             }
-            if self.broken {
-                let too_soon = self
+            if let Some(failed) = &self.failed {
+                if self
                     .reopened_at
-                    .is_some_and(|at| at.elapsed() < REOPEN_EVERY);
-                if let (true, Some(e)) = (too_soon, &self.failed) {
-                    fail_batch(batch, e);
+                    .is_some_and(|at| at.elapsed() < REOPEN_EVERY)
+                {
+                    fail_batch(batch, failed);
                     continue;
                 }
                 self.reopened_at = Some(std::time::Instant::now());
                 match self.reopen() {
-                    Ok(()) => self.broken = false,
+                    Ok(()) => self.failed = None,
                     Err(e) => {
                         tracing::error!("reopening the state database: {e}");
                         fail_batch(batch, &e);
@@ -571,9 +563,8 @@ impl Writer {
                     tracing::error!("state commit failed: {e}");
                     // redb refuses every write after an I/O error until it
                     // is opened again (e.g. once a full disk has room).
-                    self.broken = matches!(e, StateError::Db(_));
                     fail_batch(batch, &e);
-                    self.failed = Some(e);
+                    self.failed = matches!(e, StateError::Db(_)).then_some(e);
                 }
             }
         }

@@ -73,15 +73,20 @@ impl StoreError {
     }
 }
 
+/// Whether an I/O error means the disk (or a quota) is full; the state
+/// database's errors are told apart the same way.
+pub fn is_disk_full(e: &io::Error) -> bool {
+    e.raw_os_error().is_some_and(|code| {
+        code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error()
+    }) || e.kind() == io::ErrorKind::StorageFull
+}
+
 impl From<io::Error> for StoreError {
     fn from(e: io::Error) -> Self {
-        match e.raw_os_error() {
-            Some(code)
-                if code == Errno::NOSPC.raw_os_error() || code == Errno::DQUOT.raw_os_error() =>
-            {
-                StoreError::DiskFull
-            }
-            _ => StoreError::Io(e),
+        if is_disk_full(&e) {
+            StoreError::DiskFull
+        } else {
+            StoreError::Io(e)
         }
     }
 }
