@@ -34,6 +34,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BIN = os.path.join(ROOT, "target", "release", "cockatiel")
 FILL = os.path.join(ROOT, "target", "release", "cockatiel-fill")
 DISK_LIMIT = os.path.join(ROOT, "target", "release", "examples", "disk_limit")
+# The core the reference harness pins its servers to (its --server-cpu default).
+SERVER_CPU = 1
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "run")
 
 # (scenario, figure key, label, higher is better)
@@ -237,12 +239,16 @@ def startup_case(workdir, files, deletions, queued, log):
 
 def disk_limits(log, quick):
     """What the disk allows, without any server: the durability steps of a
-    small upload (disk_limit) at put_small's concurrency, at replicate's on
-    two file systems at once (nodes A and B each store every file), and a
-    1 GiB durable write (dd conv=fdatasync), on fresh loop-mounted ext4 file
-    systems like the harness uses (or temp dirs without root)."""
+    small upload (disk_limit) at put_small's concurrency, at replicate's as
+    two instances at once on one file system (the harness puts nodes A and B,
+    which both store every file, on one), and a 1 GiB durable write (dd
+    conv=fdatasync), on fresh loop-mounted ext4 file systems like the harness
+    uses (or temp dirs without root). disk_limit runs on the core the harness
+    gives the servers, since the kernel's writeback runs in the caller."""
     base = tempfile.mkdtemp(prefix="cockatiel-limit-")
     mnts = [os.path.join(base, "a"), os.path.join(base, "b")]
+    pin = (["taskset", "-c", str(SERVER_CPU)]
+           if shutil.which("taskset") and (os.cpu_count() or 1) > SERVER_CPU else [])
     mounted = []
     try:
         for m in mnts:
@@ -256,12 +262,14 @@ def disk_limits(log, quick):
                 mounted.append(m)
         secs = "2" if quick else "5"
         out = {"fs": "loop ext4" if mounted else "temp dir"}
-        r = subprocess.run([DISK_LIMIT, os.path.join(mnts[0], "t32"), "32", secs],
+        out["pinned_cpu"] = SERVER_CPU if pin else None
+        r = subprocess.run(pin + [DISK_LIMIT, os.path.join(mnts[0], "t32"), "32", secs],
                            check=True, capture_output=True, text=True)
         out["small_32"] = json.loads(r.stdout)["files_per_s"]
-        # Replicate: both nodes make every file durable at the same time.
-        procs = [subprocess.Popen([DISK_LIMIT, os.path.join(m, "t16"), "16", secs],
-                                  stdout=subprocess.PIPE, text=True) for m in mnts]
+        # Replicate: both nodes make every file durable at the same time, on
+        # one file system and one core, as the harness places them.
+        procs = [subprocess.Popen(pin + [DISK_LIMIT, os.path.join(mnts[1], f"t16{n}"), "16", secs],
+                                  stdout=subprocess.PIPE, text=True) for n in "ab"]
         pair = []
         for p in procs:
             stdout, _ = p.communicate()
@@ -378,9 +386,13 @@ def write_report(path, ref, ref_cmd, limits, startup, started, argv):
             "steps a 201 promises (write a 4 KiB temporary file, fsync it, rename it,",
             "fsync the directory) from N threads, either each with its own fsyncs",
             "(`per_file`) or sharing `syncfs` calls as cockatiel's ingest does",
-            "(`shared_syncfs`). For replicate it runs on two file systems at once,",
-            "16 threads each, since nodes A and B both store every file (the",
-            "slower of the two counts). `dd bs=1M count=1024 conv=fdatasync` writes 1 GiB",
+            "(`shared_syncfs`). For replicate two instances run at once, 16 threads",
+            "each, on one file system, since the harness puts nodes A and B there",
+            "and both store every file (the slower of the two counts). disk_limit",
+            "runs on the core the harness gives the servers"
+            + (f" (CPU {limits['pinned_cpu']})" if limits.get("pinned_cpu") is not None else "")
+            + ": the kernel's writeback",
+            "runs in the caller. `dd bs=1M count=1024 conv=fdatasync` writes 1 GiB",
             "durably (best of three). No HTTP, no hashing, no database: an upper bound for any",
             "server that keeps SPEC's promise on this disk.",
             "",
@@ -389,7 +401,7 @@ def write_report(path, ref, ref_cmd, limits, startup, started, argv):
             f"| small durable files/s, 32 threads (put_small: 32 connections) | {fmt(best32)} "
             f"(per_file {fmt(f32['per_file'])}, shared_syncfs {fmt(f32['shared_syncfs'])}) "
             f"| {fmt(put_c)} | {ratio(put_c, best32)} | {ratio(best32, put_n)} |",
-            f"| small durable files/s, two file systems at once, 16 threads each (replicate) | {fmt(best16)} "
+            f"| small durable files/s, two instances on one file system, 16 threads each (replicate) | {fmt(best16)} "
             f"(per_file {fmt(f16['per_file'])}, shared_syncfs {fmt(f16['shared_syncfs'])}) "
             f"| {fmt(rep_c)} (drained) | {ratio(rep_c, best16)} | |",
             f"| durable 1 GiB write MB/s | {fmt(limits['dd_mb_per_s'])} | {fmt(big_c)} "
