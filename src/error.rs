@@ -13,7 +13,7 @@ use crate::store::StoreError;
 pub enum Error {
     #[error(transparent)]
     Name(#[from] NameError),
-    #[error("X-Content-SHA1 must be 40 hexadecimal digits")]
+    #[error("X-Content-SHA1 must be 40 hexadecimal digits (one hash if repeated)")]
     BadSha1Header,
     #[error("the body's SHA1 {actual} does not match X-Content-SHA1 {expected}")]
     Sha1Mismatch { expected: String, actual: String },

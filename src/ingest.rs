@@ -5,9 +5,10 @@
 //! operations; the no-replace renames; and the next round's `syncfs` makes those renames durable
 //! before anyone hears 201. So each round costs one `syncfs` and one
 //! commit, shared by everything in it, and a small upload costs one
-//! thread hand-off. It never answers before its step is durable, and never
+//! thread hand-off. It never answers before its step is durable, never
 //! makes a name visible before its content is durable and its operation
-//! logged.
+//! logged, and removes one whose sync failed (it syncs through a handle
+//! of its own, so such a failure is its to see).
 
 use std::sync::mpsc as std_mpsc;
 use std::sync::Arc;
@@ -17,7 +18,7 @@ use tokio::sync::oneshot;
 
 use crate::error::Error;
 use crate::state::{PendingPuts, PutRecord, State};
-use crate::store::{Entry, Placed, Prepared, Store, StoreError, TempFile};
+use crate::store::{Entry, Placed, Prepared, Store, StoreError, SyncHandle, TempFile};
 
 /// Most uploads made durable together.
 const MAX_BATCH: usize = 512;
@@ -55,9 +56,10 @@ pub struct Ingest {
 impl Ingest {
     pub fn start(store: Arc<Store>, state: State) -> std::io::Result<Ingest> {
         let (tx, rx) = std_mpsc::channel::<Job>();
+        let sync = store.sync_handle().map_err(std::io::Error::other)?;
         std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || run(&store, &state, &rx))?;
+            .spawn(move || run(&store, &sync, &state, &rx))?;
         Ok(Ingest { tx })
     }
 
@@ -87,9 +89,12 @@ struct Ready {
 
 /// A new file renamed into place: answered `Created` once the next sync
 /// has made it durable.
-type Renamed = oneshot::Sender<Result<Outcome, Error>>;
+struct Renamed {
+    name: String,
+    reply: oneshot::Sender<Result<Outcome, Error>>,
+}
 
-fn run(store: &Store, state: &State, rx: &std_mpsc::Receiver<Job>) {
+fn run(store: &Store, sync: &SyncHandle, state: &State, rx: &std_mpsc::Receiver<Job>) {
     let mut renamed: Vec<Renamed> = Vec::new();
     loop {
         // Wait for work only when no renames are waiting for their sync.
@@ -116,11 +121,20 @@ fn run(store: &Store, state: &State, rx: &std_mpsc::Receiver<Job>) {
             .then(|| state.put_many(ready.iter().map(|r| r.name.clone()).collect()));
         // One sync: the previous round's renames and this round's contents
         // (and new directories) become durable together.
-        let synced = store.sync();
-        for reply in renamed.drain(..) {
+        let synced = sync.sync();
+        for Renamed { name, reply } in renamed.drain(..) {
             let _ = reply.send(match &synced {
                 Ok(()) => Ok(Outcome::Created),
-                Err(e) => Err(Error::Store(e.copy())),
+                Err(e) => {
+                    // Its content may not have reached the disk, and nobody
+                    // heard 201 (its uploader holds the name's lock until
+                    // answered): it goes, and its logged operation, finding
+                    // no file, is skipped.
+                    if let Err(u) = store.remove(&name) {
+                        tracing::error!("removing {name} after a failed sync: {u}");
+                    }
+                    Err(Error::Store(e.copy()))
+                }
             });
         }
         if let Err(e) = &synced {
@@ -179,7 +193,10 @@ fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed
             place(store, &r.name, &mut r.temp, &mut r.at)
         };
         if matches!(outcome, Ok(Outcome::Created)) {
-            renamed.push(r.reply);
+            renamed.push(Renamed {
+                name: r.name,
+                reply: r.reply,
+            });
         } else {
             let _ = r.reply.send(outcome);
         }

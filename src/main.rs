@@ -15,9 +15,7 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
         Err(e) => {
-            let text = e.to_string();
-            let line = text.lines().next().unwrap_or("invalid arguments");
-            eprintln!("cockatiel: {}", line.trim_start_matches("error: "));
+            eprintln!("cockatiel: {}", one_line(&e.to_string()));
             return ExitCode::from(2);
         }
     };
@@ -149,5 +147,39 @@ fn stop_signals() -> impl std::future::Future<Output = ()> {
             () = wait(term) => {}
             () = wait(int) => {}
         }
+    }
+}
+
+/// A clap error in one line: its first paragraph (some list what they
+/// refer to on the lines below the first), without usage and tips.
+fn one_line(text: &str) -> String {
+    let first: Vec<&str> = text
+        .lines()
+        .take_while(|l| !l.trim().is_empty())
+        .map(str::trim)
+        .collect();
+    let joined = first.join(" ");
+    let line = joined.trim_start_matches("error: ").trim();
+    if line.is_empty() {
+        "invalid arguments".to_string()
+    } else {
+        line.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_line;
+
+    #[test]
+    fn clap_errors_in_one_line() {
+        let listed = "error: the subcommand 'x' cannot be used with:\n  --port <PORT>\n  --storage <STORAGE>\n\nUsage: cockatiel [OPTIONS]\n";
+        assert_eq!(
+            one_line(listed),
+            "the subcommand 'x' cannot be used with: --port <PORT> --storage <STORAGE>"
+        );
+        let tipped = "error: unexpected argument '--bogus' found\n\n  tip: to pass '--bogus' as a value, use '-- --bogus'\n";
+        assert_eq!(one_line(tipped), "unexpected argument '--bogus' found");
+        assert_eq!(one_line(""), "invalid arguments");
     }
 }

@@ -144,6 +144,8 @@ impl Sender {
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
         let mut retry: VecDeque<Op> = VecDeque::new();
         let mut in_flight: JoinSet<(Op, Result<(), String>)> = JoinSet::new();
+        // What each task in flight is sending, should it end without saying.
+        let mut sending: HashMap<tokio::task::Id, Op> = HashMap::new();
         let mut backoff = me.config.retry_min;
         let mut resume_at: Option<tokio::time::Instant> = None;
         let window = me.config.max_in_flight;
@@ -152,7 +154,7 @@ impl Sender {
                 // Fill the window: failed operations first, then new ones.
                 while in_flight.len() < window {
                     let Some(op) = retry.pop_front() else { break };
-                    in_flight.spawn(me.clone().send(op));
+                    sending.insert(in_flight.spawn(me.clone().send(op.clone())).id(), op);
                 }
                 if in_flight.len() < window && dispatched < *log.borrow_and_update() {
                     match me.state.ops_after(dispatched, window - in_flight.len()) {
@@ -160,7 +162,8 @@ impl Sender {
                             for op in ops {
                                 dispatched = op.seq;
                                 outstanding.insert(op.seq);
-                                in_flight.spawn(me.clone().send(op));
+                                sending
+                                    .insert(in_flight.spawn(me.clone().send(op.clone())).id(), op);
                             }
                         }
                         Err(e) => {
@@ -178,13 +181,19 @@ impl Sender {
             }
             let can_take_more = resume_at.is_none() && in_flight.len() < window;
             tokio::select! {
-                Some(joined) = in_flight.join_next(), if !in_flight.is_empty() => {
+                Some(joined) = in_flight.join_next_with_id(), if !in_flight.is_empty() => {
                     let (op, result) = match joined {
-                        Ok(r) => r,
-                        Err(e) => {
-                            tracing::error!("replication task failed: {e}");
-                            continue;
+                        Ok((id, r)) => {
+                            sending.remove(&id);
+                            r
                         }
+                        // `send` catches panics, so only an abort gets here;
+                        // the operation is retried all the same, or the
+                        // position would stay behind it for good.
+                        Err(e) => match sending.remove(&e.id()) {
+                            Some(op) => (op, Err(format!("replication task failed: {e}"))),
+                            None => continue,
+                        },
                     };
                     match result {
                         Ok(()) => {
@@ -343,12 +352,26 @@ impl Sender {
             }
         };
         let status = response.status().as_u16();
-        let accepted = match op.kind {
-            OpKind::Put => matches!(status, 201 | 302 | 409),
-            OpKind::Delete => matches!(status, 200 | 404),
+        let accepted = match (op.kind, status) {
+            (OpKind::Put, 201 | 409) | (OpKind::Delete, 200 | 404) => true,
+            // "I have it" only when it names this very file: a redirect
+            // elsewhere (to https, to a login page) would drop the file.
+            (OpKind::Put, 302) => response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .is_some_and(|l| name::location_is(l, &op.name)),
+            _ => false,
         };
         if accepted {
             Ok(())
+        } else if status == 302 {
+            let to = response
+                .headers()
+                .get(reqwest::header::LOCATION)
+                .and_then(|l| l.to_str().ok())
+                .unwrap_or("nowhere");
+            Err(format!("HTTP 302 to {to}, not to this file"))
         } else {
             let body = tokio::time::timeout(timeout, response.text())
                 .await

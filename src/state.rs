@@ -251,23 +251,38 @@ impl State {
             let txn = db.begin_write().map_err(db_err)?;
             let next = {
                 // Create every table so readers never meet a missing one.
-                txn.open_table(OPLOG).map_err(db_err)?;
+                let oplog = txn.open_table(OPLOG).map_err(db_err)?;
                 txn.open_table(DELETED).map_err(db_err)?;
                 txn.open_table(PENDING_UNLINK).map_err(db_err)?;
+                let meta = txn.open_table(META).map_err(db_err)?;
+                let next = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
                 let mut positions = txn.open_table(POSITIONS).map_err(db_err)?;
-                // Forget neighbours that are no longer configured.
-                let stale: Vec<String> = positions
+                // Forget neighbours that are no longer configured (so the
+                // log can be trimmed), saying so when that drops operations
+                // one of them never accepted.
+                let stale: Vec<(String, u64)> = positions
                     .iter()
                     .map_err(db_err)?
                     .filter_map(Result::ok)
-                    .map(|(k, _)| k.value().to_string())
-                    .filter(|k| !neighbours.contains(k))
+                    .map(|(k, v)| (k.value().to_string(), v.value()))
+                    .filter(|(k, _)| !neighbours.contains(k))
                     .collect();
-                for k in stale {
+                for (k, position) in stale {
+                    let unsent = oplog.range(position + 1..).map_err(db_err)?.count();
+                    if unsent > 0 {
+                        tracing::warn!(
+                            "{k} is no longer a --node: forgetting {unsent} operation(s) it had not accepted; if it rejoins, copy the storage directory to it first (README: adding a node)"
+                        );
+                    }
                     positions.remove(k.as_str()).map_err(db_err)?;
                 }
-                let meta = txn.open_table(META).map_err(db_err)?;
-                let next = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
+                // Every neighbour has a row (a new one from the start of
+                // the log), so one dropped later is known to have had one.
+                for n in neighbours {
+                    if positions.get(n.as_str()).map_err(db_err)?.is_none() {
+                        positions.insert(n.as_str(), 0).map_err(db_err)?;
+                    }
+                }
                 next
             };
             txn.commit().map_err(db_err)?;

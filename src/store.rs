@@ -469,6 +469,14 @@ impl Store {
         Ok(())
     }
 
+    /// A `syncfs` handle of its own. Linux reports a write-back error once
+    /// per open file, to the first `syncfs` through it; a party that syncs
+    /// for its own writes (the ingest) keeps its own handle, so an error
+    /// another party's sync happened to collect still reaches it.
+    pub fn sync_handle(&self) -> Result<SyncHandle, StoreError> {
+        Ok(SyncHandle(open_dir_at(self.root_dir.as_fd(), ".")?))
+    }
+
     /// Remove `dirs` and its ancestors while they are empty. Failure to
     /// remove (not empty, raced by an upload) just stops the pruning.
     fn prune(&self, dirs: &str) {
@@ -592,6 +600,17 @@ impl Syncer {
         let gone = || StoreError::Io(io::Error::other("the sync task has stopped"));
         self.tx.send(reply).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
+    }
+}
+
+/// See `Store::sync_handle`.
+pub struct SyncHandle(OwnedFd);
+
+impl SyncHandle {
+    /// `Store::sync` through this handle.
+    pub fn sync(&self) -> Result<(), StoreError> {
+        syncfs(&self.0)?;
+        Ok(())
     }
 }
 

@@ -371,6 +371,12 @@ fn if_none_match() {
             );
             assert!(r.body.is_empty(), "304 has no body, got {:?}", r.text());
             assert_server_header(&r, "304");
+            // RFC 9110 §8.6: absent, or the length a 200 would have.
+            let len = r.header("content-length");
+            assert!(
+                len.is_none() || len.as_deref() == Some(body.len().to_string().as_str()),
+                "{method} 304 with Content-Length {len:?}"
+            );
         }
     }
     for value in [

@@ -352,7 +352,27 @@ fn non_hex_sha1_header_is_400() {
         let r = node.req("PUT", "/h.txt", &[("X-Content-SHA1", value)], b"a");
         assert_400(&r, &format!("X-Content-SHA1: {value:?}"));
     }
+    // Repeated with two hashes, the right one first: which would count?
+    let (right, wrong) = (sha1_hex(b"a"), sha1_hex(b"b"));
+    let r = node.req(
+        "PUT",
+        "/h.txt",
+        &[("X-Content-SHA1", &right), ("X-Content-SHA1", &wrong)],
+        b"a",
+    );
+    assert_400(&r, "two different X-Content-SHA1 lines");
     assert_eq!(node.stored_files().len(), 1, "{:?}", node.stored_files());
+    // The same hash twice (in either case) is one hash.
+    let r = node.req(
+        "PUT",
+        "/h.txt",
+        &[
+            ("X-Content-SHA1", &right),
+            ("X-Content-SHA1", &right.to_uppercase()),
+        ],
+        b"a",
+    );
+    assert_eq!(r.status, 201, "{}", r.describe());
     assert_canary_intact(&node, &canary);
 }
 

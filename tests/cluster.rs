@@ -629,3 +629,26 @@ fn kill9_of_a_receiver_during_a_transfer() {
     wait_queues_empty(&[&a, &b], REPLICATION_BOUND, "after the large transfer");
     assert_eq!(b.stored_files(), vec![rel(&loc)]);
 }
+
+#[test]
+fn a_neighbour_taken_off_the_list_is_forgotten_with_a_warning() {
+    // Nothing listens on `gone`: its operations stay queued.
+    let (pa, gone) = (free_port(), free_port());
+    let mut a = Node::start_on(pa, &node_args(pa, &[gone], None, &[]));
+    a.put_ok("/kept-1.txt", b"one");
+    a.put_ok("/kept-2.txt", b"two");
+    assert_eq!(a.queue_len(&url_of(gone)), Some(2));
+    assert!(a.stop().success());
+    a.set_args(node_args(pa, &[], None, &[]));
+    a.restart();
+    let warning = format!(
+        "{} is no longer a --node: forgetting 2 operation(s) it had not accepted",
+        url_of(gone)
+    );
+    assert!(a.stderr_text().contains(&warning), "{}", a.stderr_text());
+    assert!(a.queue_lengths().is_empty());
+    // Forgotten once: the next start has nothing to say about it.
+    assert!(a.stop().success());
+    a.restart();
+    assert_eq!(a.stderr_text().matches(&warning).count(), 1);
+}

@@ -421,6 +421,17 @@ fn unusable_port_flag_or_directory_fails_at_start() {
         "stderr should name the bad flag: {stderr:?}"
     );
 
+    // A stray argument: the one line says what it cannot go with.
+    let (status, stderr) =
+        run_expecting_exit(&["-p", &free, "--storage", storage, "--queue", queue, "extra"]);
+    assert_eq!(status.code(), Some(2), "a stray argument: {status}");
+    assert!(
+        stderr.contains("'extra'")
+            && stderr.contains("--storage")
+            && stderr.trim().lines().count() == 1,
+        "stderr should say in one line what is wrong: {stderr:?}"
+    );
+
     // A token no client could send in a header.
     let (status, stderr) = run_expecting_exit(&[
         "-p",

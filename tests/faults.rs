@@ -324,3 +324,169 @@ fn a_large_file_is_sent_whatever_the_question_before_it_got() {
         describe_statuses(&[&a])
     );
 }
+
+/// A neighbour that answers every request with what `answer` makes of its
+/// request line (reading any body first), and counts the requests.
+fn scripted_neighbour(
+    answer: fn(&str) -> String,
+) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = count.clone();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(conn) = conn else { return };
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut reader = BufReader::new(conn.try_clone().unwrap());
+                let mut writer = conn;
+                let (mut line, mut first, mut len) = (String::new(), String::new(), 0usize);
+                loop {
+                    line.clear();
+                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if first.is_empty() {
+                        first = line.clone();
+                    }
+                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                        len = v.trim().parse().unwrap_or(0);
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                }
+                let mut body = vec![0u8; len];
+                if reader.read_exact(&mut body).is_ok() {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                    let _ = writer.write_all(answer(first.trim_end()).as_bytes());
+                }
+            });
+        }
+    });
+    (port, count)
+}
+
+#[test]
+fn a_redirect_elsewhere_is_not_taken_for_having_the_file() {
+    // Like an http → https redirect in front of a misconfigured neighbour.
+    let (elsewhere, tries) = scripted_neighbour(|_| {
+        "HTTP/1.1 302 Found\r\nLocation: https://files.example.com/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+    });
+    // A neighbour that has the file answers 302 naming it.
+    let (has_it, _) = scripted_neighbour(|request_line| {
+        let path = request_line.split(' ').nth(1).unwrap_or("/");
+        format!("HTTP/1.1 302 Found\r\nLocation: {path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+    });
+    let pa = free_port();
+    let a = Node::start_on(pa, &node_args(pa, &[elsewhere, has_it], None, &[]));
+    a.put_ok("/redirected.txt", b"must reach a real neighbour");
+    let elsewhere_url = format!("http://127.0.0.1:{elsewhere}");
+    let has_it_url = format!("http://127.0.0.1:{has_it}");
+    // Retried (node_args makes retries fast), not counted as delivered.
+    assert!(
+        wait_until(REPLICATION_BOUND, || tries
+            .load(std::sync::atomic::Ordering::SeqCst)
+            >= 3),
+        "a redirect elsewhere was taken for an answer\n{}",
+        describe_statuses(&[&a])
+    );
+    let status = a.status().expect("A status");
+    assert_eq!(
+        status["queues"][&elsewhere_url]["length"].as_u64(),
+        Some(1),
+        "{status}"
+    );
+    let error = status["queues"][&elsewhere_url]["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert!(error.contains("302"), "last_error: {error:?}");
+    assert!(
+        wait_until(REPLICATION_BOUND, || a.queue_len(&has_it_url) == Some(0)),
+        "a 302 naming the file itself is an answer\n{}",
+        describe_statuses(&[&a])
+    );
+}
+
+/// `strace` attached to every thread of `pid`, delaying each `syncfs` by
+/// `delay_us`; stopped (by its pid) when dropped.
+struct SlowSyncs(std::process::Child);
+
+impl SlowSyncs {
+    fn attach(pid: u32, delay_us: u32) -> SlowSyncs {
+        let child = std::process::Command::new("strace")
+            .args(["-qq", "-f", "-o", "/dev/null", "-e", "trace=syncfs"])
+            .arg(format!("--inject=syncfs:delay_enter={delay_us}"))
+            .args(["-p", &pid.to_string()])
+            .spawn()
+            .expect("strace is needed for this test (.ci/run installs it)");
+        let slow = SlowSyncs(child);
+        // Attached once every thread of the node has a tracer.
+        let traced = || {
+            let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+                return false;
+            };
+            tasks.filter_map(Result::ok).all(|t| {
+                std::fs::read_to_string(t.path().join("status")).is_ok_and(|s| {
+                    s.lines()
+                        .any(|l| l.starts_with("TracerPid:") && l.trim_end() != "TracerPid:\t0")
+                })
+            })
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), traced),
+            "strace did not attach to {pid} (is ptrace allowed here?)"
+        );
+        slow
+    }
+}
+
+impl Drop for SlowSyncs {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn a_neighbour_asking_with_no_cache_hears_of_a_file_only_once_it_is_durable() {
+    // A sender asks `HEAD` with `Cache-Control: no-cache` before a large
+    // file and takes a 200 as "delivered". Between an upload's rename and
+    // the sync that makes it durable (before its 201) the file is already
+    // in place; such a question must wait for that sync.
+    let node = Node::start(&[]);
+    let body = Rng::new(5).bytes(20 * 1024);
+    let name = format!("/held_{}_{}.bin", unix_now(), sha1_hex(&body));
+    let slow = SlowSyncs::attach(node.pid(), 400_000);
+    let port = node.port();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let upload = {
+        let (done, name, body) = (done.clone(), name.clone(), body.clone());
+        std::thread::spawn(move || {
+            let r = request(port, "PUT", &name, &[], &body);
+            done.store(true, std::sync::atomic::Ordering::SeqCst);
+            r.status
+        })
+    };
+    let mut early = 0;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !done.load(std::sync::atomic::Ordering::SeqCst) && Instant::now() < deadline {
+        let r = request(port, "HEAD", &name, &[("Cache-Control", "no-cache")], b"");
+        if r.status == 200 && !done.load(std::sync::atomic::Ordering::SeqCst) {
+            early += 1;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(upload.join().unwrap(), 201);
+    drop(slow);
+    // The one question that waited may come back just before the 201 does.
+    assert!(
+        early <= 1,
+        "{early} HEADs with no-cache said 200 before the upload was durable"
+    );
+    // Without no-cache a reader is not held up by uploads.
+    assert_eq!(node.head(&name).status, 200);
+}

@@ -190,6 +190,15 @@ impl Api {
 
     async fn get(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
         let want_body = req.method() == Method::GET;
+        // `no-cache` asks for an answer this node stands by (a neighbour
+        // deciding whether to send a file asks so): under the name's lock,
+        // a file between its rename and the sync that makes it durable is
+        // waited for rather than reported present.
+        let _settled = if asks_no_cache(req.headers()) {
+            Some(self.locks.lock(name).await)
+        } else {
+            None
+        };
         if let Some(hot) = self.cache.get(name) {
             return Ok(file_response(
                 &hot.meta,
@@ -241,16 +250,19 @@ impl Api {
     }
 
     async fn put(&self, name: String, req: Request<Incoming>) -> Result<Response<Body>, Error> {
-        let expected = match req.headers().get(&X_CONTENT_SHA1) {
-            Some(v) => {
-                let v = v.to_str().map_err(|_| Error::BadSha1Header)?.trim();
-                if !name::is_sha1_hex(v) {
-                    return Err(Error::BadSha1Header);
-                }
-                Some(v.to_ascii_lowercase())
+        // Repeated, every line must name the same hash: which one would count?
+        let mut expected: Option<String> = None;
+        for v in req.headers().get_all(&X_CONTENT_SHA1) {
+            let v = v.to_str().map_err(|_| Error::BadSha1Header)?.trim();
+            if !name::is_sha1_hex(v)
+                || expected
+                    .as_deref()
+                    .is_some_and(|e| !e.eq_ignore_ascii_case(v))
+            {
+                return Err(Error::BadSha1Header);
             }
-            None => None,
-        };
+            expected = Some(v.to_ascii_lowercase());
+        }
         let length = match req.headers().get(header::CONTENT_LENGTH) {
             Some(len) => {
                 let len: u64 = len
@@ -611,6 +623,9 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     headers.insert(header::LAST_MODIFIED, meta.last_modified.clone());
 
     if not_modified(req.headers(), etag, mtime) {
+        // The length a 200 would have (RFC 9110 §8.6), which also keeps
+        // hyper from calling a HEAD's 304 empty ("Content-Length: 0").
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(len));
         let mut resp = Response::new(empty());
         *resp.status_mut() = StatusCode::NOT_MODIFIED;
         *resp.headers_mut() = headers;
@@ -681,6 +696,11 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
 
 /// 400 unless the body's SHA1 is the one `X-Content-SHA1` announced (both
 /// lower-case hex).
+fn asks_no_cache(headers: &HeaderMap) -> bool {
+    let values = |name| headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
+    precondition::no_cache(values(header::CACHE_CONTROL), values(header::PRAGMA))
+}
+
 fn same_sha1(expected: &str, actual: &str) -> Result<(), Error> {
     if expected == actual {
         return Ok(());

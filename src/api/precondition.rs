@@ -1,5 +1,6 @@
 //! `If-None-Match` (RFC 9110 §13.1.2): does a header value match our ETag?
-//! Pure; weak comparison as the RFC asks for this header.
+//! Weak comparison as the RFC asks for this header. And whether a request
+//! asks for `no-cache` (RFC 9111 §5.2.1.4, or HTTP/1.0's `Pragma`). Pure.
 
 /// True when `header` (an `If-None-Match` value) matches `etag`, the
 /// quoted strong entity tag of the file: `*`, or any listed tag whose opaque
@@ -18,6 +19,30 @@ pub fn none_match(header: &str, etag: &str) -> bool {
             None => !tag.contains('"') && tag == ours,
         }
     })
+}
+
+/// True when the `Cache-Control` values ask for `no-cache`, or there are
+/// none and a `Pragma` value does (RFC 9111 §5.4).
+pub fn no_cache<'a>(
+    cache_control: impl Iterator<Item = &'a str>,
+    pragma: impl Iterator<Item = &'a str>,
+) -> bool {
+    let has = |values: &mut dyn Iterator<Item = &'a str>| -> Option<bool> {
+        let mut any = None;
+        for v in values {
+            let found = split_list(v).any(|d| {
+                let directive = d.split_once('=').map_or(d, |(k, _)| k).trim();
+                directive.eq_ignore_ascii_case("no-cache")
+            });
+            any = Some(any.unwrap_or(false) || found);
+        }
+        any
+    };
+    let mut cache_control = cache_control;
+    match has(&mut cache_control) {
+        Some(found) => found,
+        None => has(&mut pragma.into_iter()).unwrap_or(false),
+    }
 }
 
 /// Split a comma-separated list of entity tags, keeping commas inside quotes.
@@ -44,6 +69,25 @@ mod tests {
     use super::*;
 
     const ETAG: &str = "\"abc123\"";
+
+    fn nc(cc: &[&str], pragma: &[&str]) -> bool {
+        no_cache(cc.iter().copied(), pragma.iter().copied())
+    }
+
+    #[test]
+    fn no_cache_directive() {
+        assert!(nc(&["no-cache"], &[]));
+        assert!(nc(&["max-age=0, No-Cache"], &[]));
+        assert!(nc(&["max-age=0", "no-cache"], &[]));
+        assert!(nc(&["no-cache=\"set-cookie\""], &[]));
+        assert!(nc(&[], &["no-cache"]));
+        assert!(!nc(&[], &[]));
+        assert!(!nc(&["max-age=0"], &[]));
+        assert!(!nc(&["no-store, no-cachex"], &[]));
+        assert!(!nc(&["private=\"no-cache\""], &[]));
+        // Cache-Control, when present, wins over Pragma.
+        assert!(!nc(&["max-age=10"], &["no-cache"]));
+    }
 
     #[test]
     fn matches() {

@@ -118,6 +118,12 @@ impl Node {
     }
 
     /// Start the process again on the same directories and port.
+    /// Replace the extra arguments (the ones after `--storage`/`--queue`
+    /// and the port) for the next [`Node::restart`].
+    pub fn set_args(&mut self, args: Vec<String>) {
+        self.args = args;
+    }
+
     pub fn restart(&mut self) {
         assert!(
             self.child.is_none(),
