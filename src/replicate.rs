@@ -2,7 +2,8 @@
 //! operation log after that neighbour's position, keeps a bounded number of
 //! requests in flight, advances the position as answers come back, and
 //! backs off while the neighbour fails. It wakes when the log grows and
-//! never polls. It never changes files or the deletion log: it only reads
+//! never polls. A neighbour that needs operations no longer logged (new,
+//! or dropped and added back) is first sent every deletion and stored file. It never changes files or the deletion log: it only reads
 //! the log and stored files and records positions.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -44,6 +45,9 @@ pub struct NeighbourStats {
     /// Everything up to this sequence number is accepted (live; the
     /// database copy is written lazily).
     pub position: Option<u64>,
+    /// While a neighbour that needs operations no longer logged is sent
+    /// everything: files and deletions found so far, and accepted.
+    pub catching_up: Option<(u64, u64)>,
 }
 
 /// Shared table of `NeighbourStats`.
@@ -134,6 +138,23 @@ impl Sender {
                 }
             }
         };
+        // A neighbour that needs operations the log no longer holds (a new
+        // one, or one dropped from --node and added again) first gets
+        // everything stored and deleted here; then what is logged.
+        loop {
+            match me.state.missing_before(position) {
+                Ok(None) => break,
+                Ok(Some(upto)) => {
+                    if me.catch_up().await {
+                        position = upto;
+                        me.state.accepted(&me.neighbour, position);
+                        break;
+                    }
+                }
+                Err(e) => tracing::error!("replication to {}: {e}", me.neighbour),
+            }
+            tokio::time::sleep(me.config.retry_max).await;
+        }
         me.stats
             .update(&me.neighbour, |s| s.position = Some(position));
         // The position is saved lazily: losing it to a crash only resends
@@ -241,6 +262,120 @@ impl Sender {
                 }
             }
         }
+    }
+
+    /// Send every deletion logged and every file stored here, each until
+    /// the neighbour accepts it, with a window of requests in flight. False
+    /// when the deletion log or the storage directory could not be read to
+    /// the end (the whole pass is then made again).
+    async fn catch_up(self: &Arc<Self>) -> bool {
+        tracing::info!(
+            "{} needs operations no longer logged here (a new neighbour?): sending it every deletion and stored file first",
+            self.neighbour
+        );
+        self.stats
+            .update(&self.neighbour, |s| s.catching_up = Some((0, 0)));
+        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut complete = true;
+        let mut after: Option<String> = None;
+        loop {
+            let names = match self.state.deleted_after(after.as_deref(), 512) {
+                Ok(names) => names,
+                Err(e) => {
+                    tracing::error!("replication to {}: {e}", self.neighbour);
+                    complete = false;
+                    break;
+                }
+            };
+            let Some(last) = names.last().cloned() else {
+                break;
+            };
+            for name in names {
+                self.send_until_accepted(&mut tasks, OpKind::Delete, name)
+                    .await;
+            }
+            after = Some(last);
+        }
+        if complete {
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
+            let store = self.store.clone();
+            let walk = tokio::task::spawn_blocking(move || {
+                store.for_each_stored(|name| tx.blocking_send(name).is_ok())
+            });
+            while let Some(name) = rx.recv().await {
+                self.send_until_accepted(&mut tasks, OpKind::Put, name)
+                    .await;
+            }
+            match walk.await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => {
+                    tracing::error!(
+                        "replication to {}: reading the storage directory: {e}",
+                        self.neighbour
+                    );
+                    complete = false;
+                }
+                Err(e) => {
+                    tracing::error!("replication to {}: {e}", self.neighbour);
+                    complete = false;
+                }
+            }
+        }
+        while tasks.join_next().await.is_some() {}
+        self.stats.update(&self.neighbour, |s| s.catching_up = None);
+        complete
+    }
+
+    /// Start sending `name` (once fewer than the window are in flight),
+    /// retried with backoff until the neighbour accepts it.
+    async fn send_until_accepted(
+        self: &Arc<Self>,
+        tasks: &mut JoinSet<()>,
+        kind: OpKind,
+        name: String,
+    ) {
+        while tasks.len() >= self.config.max_in_flight.max(1) {
+            tasks.join_next().await;
+        }
+        self.stats.update(&self.neighbour, |s| {
+            if let Some((found, _)) = &mut s.catching_up {
+                *found += 1;
+            }
+        });
+        let op = Op {
+            seq: 0,
+            kind,
+            time: unix_now(),
+            name,
+        };
+        let me = self.clone();
+        tasks.spawn(async move {
+            let mut backoff = me.config.retry_min;
+            loop {
+                match me.clone().send(op.clone()).await.1 {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::debug!(
+                            "replication of {} to {} failed: {e}",
+                            op.name,
+                            me.neighbour
+                        );
+                        me.stats.update(&me.neighbour, |s| {
+                            s.last_error = Some(e);
+                            s.last_error_at = Some(unix_now());
+                        });
+                        tokio::time::sleep(backoff).await;
+                        backoff = next_backoff(backoff, me.config.retry_min, me.config.retry_max);
+                    }
+                }
+            }
+            me.stats.update(&me.neighbour, |s| {
+                s.last_success = Some(unix_now());
+                if let Some((_, accepted)) = &mut s.catching_up {
+                    *accepted += 1;
+                }
+            });
+        });
     }
 
     /// Deliver one operation; Ok when the neighbour accepted it. A panic

@@ -271,7 +271,7 @@ impl State {
                     let unsent = oplog.range(position + 1..).map_err(db_err)?.count();
                     if unsent > 0 {
                         tracing::warn!(
-                            "{k} is no longer a --node: forgetting {unsent} operation(s) it had not accepted; if it rejoins, copy the storage directory to it first (README: adding a node)"
+                            "{k} is no longer a --node: forgetting {unsent} operation(s) it had not accepted (added again, it is sent every stored file and deletion)"
                         );
                     }
                     positions.remove(k.as_str()).map_err(db_err)?;
@@ -436,6 +436,47 @@ impl State {
             ops.push(decode_op(k.value(), v.value())?);
         }
         Ok(ops)
+    }
+
+    /// Whether `neighbour`, having accepted everything up to `position`,
+    /// needs operations the log no longer holds (every neighbour configured
+    /// at the time had accepted them: it is new, or came back after being
+    /// dropped). Then the answer is the last sequence number such a
+    /// neighbour can be said to have once it holds everything stored and
+    /// deleted here: the one before the first operation still logged.
+    pub fn missing_before(&self, position: u64) -> Result<Option<u64>, StateError> {
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
+        let oplog = txn.open_table(OPLOG).map_err(db_err)?;
+        let meta = txn.open_table(META).map_err(db_err)?;
+        let next = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
+        let first = oplog
+            .first()
+            .map_err(db_err)?
+            .map_or(next, |(k, _)| k.value());
+        Ok((position + 1 < first).then(|| first - 1))
+    }
+
+    /// Up to `limit` names of the deletion log after `after` (in key order).
+    pub fn deleted_after(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<String>, StateError> {
+        let txn = self.db.handle()?.begin_read().map_err(db_err)?;
+        let table = txn.open_table(DELETED).map_err(db_err)?;
+        let range = match after {
+            Some(a) => {
+                table.range::<&str>((std::ops::Bound::Excluded(a), std::ops::Bound::Unbounded))
+            }
+            None => table.range::<&str>(..),
+        }
+        .map_err(db_err)?;
+        let mut names = Vec::new();
+        for item in range.take(limit) {
+            let (k, _) = item.map_err(db_err)?;
+            names.push(k.value().to_string());
+        }
+        Ok(names)
     }
 
     /// Queue figures for every configured neighbour. `live` gives a

@@ -477,6 +477,46 @@ impl Store {
         Ok(SyncHandle(open_dir_at(self.root_dir.as_fd(), ".")?))
     }
 
+    /// Hand every file in stored form to `each`, depth first, until it
+    /// returns false. Hidden entries (the temporary area among them) and
+    /// symbolic links are passed over; a directory that vanishes meanwhile
+    /// (pruned after a deletion) is skipped. Blocks; for a full resend.
+    pub fn for_each_stored(&self, mut each: impl FnMut(String) -> bool) -> Result<(), StoreError> {
+        let mut dirs = vec![String::new()];
+        while let Some(dir) = dirs.pop() {
+            let entries = match std::fs::read_dir(self.root.join(&dir)) {
+                Ok(entries) => entries,
+                Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.is_empty() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for entry in entries {
+                let entry = entry?;
+                let Ok(base) = entry.file_name().into_string() else {
+                    continue;
+                };
+                if base.starts_with('.') {
+                    continue;
+                }
+                let rel = if dir.is_empty() {
+                    base
+                } else {
+                    format!("{dir}/{base}")
+                };
+                let kind = entry.file_type()?;
+                if kind.is_dir() {
+                    dirs.push(rel);
+                } else if kind.is_file()
+                    && crate::name::content_sha1(&rel).is_some()
+                    && crate::name::check(&rel, crate::name::Purpose::Read).is_ok()
+                    && !each(rel)
+                {
+                    return Ok(());
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Remove `dirs` and its ancestors while they are empty. Failure to
     /// remove (not empty, raced by an upload) just stops the pruning.
     fn prune(&self, dirs: &str) {

@@ -652,3 +652,49 @@ fn a_neighbour_taken_off_the_list_is_forgotten_with_a_warning() {
     a.restart();
     assert_eq!(a.stderr_text().matches(&warning).count(), 1);
 }
+
+#[test]
+fn a_neighbour_added_later_gets_every_file_and_deletion() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let mut a = Node::start_on(pa, &node_args(pa, &[pb], None, &[]));
+    let b = Node::start_on(pb, &node_args(pb, &[pa], None, &[]));
+    let mut rng = Rng::new(31);
+    let mut kept = Vec::new();
+    let mut deleted = Vec::new();
+    for i in 0..24 {
+        // One large file: sent after a HEAD.
+        let size = if i == 0 { 300 * 1024 } else { 1 + i * 97 };
+        let body = rng.bytes(size);
+        let loc = a.put_ok(&format!("/early/d{}/f{i}.bin", i % 3), &body);
+        if i % 4 == 1 {
+            assert_eq!(a.delete(&loc).status, 200);
+            deleted.push((loc, body));
+        } else {
+            kept.push((loc, body));
+        }
+    }
+    // B accepted everything: A's log is trimmed of it.
+    wait_queues_empty(&[&a, &b], REPLICATION_BOUND, "A and B");
+    // C joins: it knows A, and A is restarted with C in its list.
+    let c = Node::start_on(pc, &node_args(pc, &[pa], None, &[]));
+    assert!(a.stop().success());
+    a.set_args(node_args(pa, &[pb, pc], None, &[]));
+    a.restart();
+    for (loc, body) in &kept {
+        assert!(
+            wait_has(&c, &decoded(loc), body, REPLICATION_BOUND),
+            "{loc} never reached the new neighbour\n{}",
+            describe_statuses(&[&a, &c])
+        );
+    }
+    wait_queues_empty(&[&a, &c], REPLICATION_BOUND, "after C caught up");
+    for (loc, body) in &deleted {
+        // The deletion log came along: the name stays deleted on C.
+        let r = c.put(loc, body);
+        assert_eq!(r.status, 409, "PUT {loc} on C: {}", r.describe());
+    }
+    assert_eq!(c.stored_files().len(), kept.len(), "{:?}", c.stored_files());
+    assert!(a
+        .stderr_text()
+        .contains("needs operations no longer logged here"));
+}

@@ -497,11 +497,26 @@ impl Api {
         let now = crate::state::unix_now();
         let mut map = serde_json::Map::new();
         for q in queues {
+            let stats = self.stats.get(&q.neighbour);
+            // While a neighbour is sent everything stored and deleted, what
+            // it has not accepted yet is not in the log; it counts too, plus
+            // one for what the pass has yet to find.
+            let catching_up = stats.as_ref().and_then(|s| s.catching_up);
+            let length = q.length
+                + catching_up.map_or(0, |(found, accepted)| found.saturating_sub(accepted) + 1);
             let mut entry = serde_json::json!({
-                "length": q.length,
+                "length": length,
                 "oldest_age_seconds": q.oldest.map(|t| now.saturating_sub(t)),
             });
-            if let (Some(obj), Some(s)) = (entry.as_object_mut(), self.stats.get(&q.neighbour)) {
+            if let Some(obj) = entry.as_object_mut() {
+                if let Some((found, accepted)) = catching_up {
+                    obj.insert(
+                        "catch_up".into(),
+                        serde_json::json!({"found": found, "accepted": accepted}),
+                    );
+                }
+            }
+            if let (Some(obj), Some(s)) = (entry.as_object_mut(), stats) {
                 obj.insert("last_success".into(), s.last_success.into());
                 obj.insert("last_error".into(), s.last_error.into());
                 obj.insert("last_error_at".into(), s.last_error_at.into());
