@@ -10,8 +10,9 @@
 //! logged, and removes one whose sync failed (it syncs through a handle
 //! of its own, so such a failure is its to see).
 
+use std::collections::HashSet;
 use std::sync::mpsc as std_mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use tokio::sync::oneshot;
@@ -51,16 +52,35 @@ struct Job {
 #[derive(Clone)]
 pub struct Ingest {
     tx: std_mpsc::Sender<Job>,
+    unsettled: Unsettled,
+}
+
+/// Names renamed into place whose sync has not returned yet.
+#[derive(Clone, Default)]
+struct Unsettled(Arc<Mutex<HashSet<String>>>);
+
+impl Unsettled {
+    fn set(&self) -> std::sync::MutexGuard<'_, HashSet<String>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }
 
 impl Ingest {
     pub fn start(store: Arc<Store>, state: State) -> std::io::Result<Ingest> {
         let (tx, rx) = std_mpsc::channel::<Job>();
         let sync = store.sync_handle().map_err(std::io::Error::other)?;
+        let unsettled = Unsettled::default();
+        let shared = unsettled.clone();
         std::thread::Builder::new()
             .name("ingest".into())
-            .spawn(move || run(&store, &sync, &state, &rx))?;
-        Ok(Ingest { tx })
+            .spawn(move || run(&store, &sync, &state, &shared, &rx))?;
+        Ok(Ingest { tx, unsettled })
+    }
+
+    /// Whether `name` is in place but not yet durable (its upload, holding
+    /// the name's lock, has not been answered).
+    pub fn is_unsettled(&self, name: &str) -> bool {
+        self.unsettled.set().contains(name)
     }
 
     /// Make `content` durable under the stored name `name`. The caller holds
@@ -94,7 +114,13 @@ struct Renamed {
     reply: oneshot::Sender<Result<Outcome, Error>>,
 }
 
-fn run(store: &Store, sync: &SyncHandle, state: &State, rx: &std_mpsc::Receiver<Job>) {
+fn run(
+    store: &Store,
+    sync: &SyncHandle,
+    state: &State,
+    unsettled: &Unsettled,
+    rx: &std_mpsc::Receiver<Job>,
+) {
     let mut renamed: Vec<Renamed> = Vec::new();
     loop {
         // Wait for work only when no renames are waiting for their sync.
@@ -123,6 +149,7 @@ fn run(store: &Store, sync: &SyncHandle, state: &State, rx: &std_mpsc::Receiver<
         // (and new directories) become durable together.
         let synced = sync.sync();
         for Renamed { name, reply } in renamed.drain(..) {
+            unsettled.set().remove(&name);
             let _ = reply.send(match &synced {
                 Ok(()) => Ok(Outcome::Created),
                 Err(e) => {
@@ -144,7 +171,7 @@ fn run(store: &Store, sync: &SyncHandle, state: &State, rx: &std_mpsc::Receiver<
             continue;
         }
         if let Some(logging) = logging {
-            renamed = rename(store, logging, ready);
+            renamed = rename(store, unsettled, logging, ready);
         }
     }
 }
@@ -174,7 +201,12 @@ fn write_temps(store: &Store, state: &State, jobs: Vec<Job>) -> Vec<Ready> {
 /// Once their operations are logged, rename a synced batch into place. New
 /// names are returned to be answered after the next sync; the rest are
 /// answered now.
-fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed> {
+fn rename(
+    store: &Store,
+    unsettled: &Unsettled,
+    logging: PendingPuts,
+    ready: Vec<Ready>,
+) -> Vec<Renamed> {
     let records = match logging.wait() {
         Ok(r) => r,
         Err(e) => {
@@ -190,7 +222,13 @@ fn rename(store: &Store, logging: PendingPuts, ready: Vec<Ready>) -> Vec<Renamed
         let outcome = if record == PutRecord::Deleted {
             Ok(Outcome::Deleted)
         } else {
-            place(store, &r.name, &mut r.temp, &mut r.at)
+            // Known as unsettled before anyone can find it in place.
+            unsettled.set().insert(r.name.clone());
+            let placed = place(store, &r.name, &mut r.temp, &mut r.at);
+            if !matches!(placed, Ok(Outcome::Created)) {
+                unsettled.set().remove(&r.name);
+            }
+            placed
         };
         if matches!(outcome, Ok(Outcome::Created)) {
             renamed.push(Renamed {

@@ -280,23 +280,6 @@ pub fn location(name: &str) -> String {
     out
 }
 
-/// True when a `Location` header value (path or absolute URL, as a
-/// neighbour's 302 gives it) points at the stored name `name`; a redirect
-/// anywhere else (an http→https redirect, a login page) is not "I have it".
-pub fn location_is(location: &str, name: &str) -> bool {
-    let location = location.trim();
-    let path = match location.split_once("://") {
-        Some((scheme, rest))
-            if !scheme.is_empty() && scheme.bytes().all(|b| b.is_ascii_alphanumeric()) =>
-        {
-            rest.find('/').map_or("/", |i| &rest[i..])
-        }
-        _ => location,
-    };
-    let path = path.split(['?', '#']).next().unwrap_or("");
-    from_path(path, Purpose::Read).is_ok_and(|n| n == name)
-}
-
 /// True for a valid `X-Content-SHA1` value: exactly 40 hex digits.
 pub fn is_sha1_hex(value: &str) -> bool {
     value.len() == 40 && value.bytes().all(|b| b.is_ascii_hexdigit())
@@ -304,27 +287,6 @@ pub fn is_sha1_hex(value: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #[test]
-    fn location_is_the_stored_name_or_not() {
-        let n = "dir/a b_1_da39a3ee5e6b4b0d3255bfef95601890afd80709.txt";
-        assert!(location_is(&location(n), n));
-        assert!(location_is(
-            "/dir/a%20b_1_da39a3ee5e6b4b0d3255bfef95601890afd80709.txt",
-            n
-        ));
-        assert!(location_is(
-            "http://10.0.0.2:8080/dir/a%20b_1_da39a3ee5e6b4b0d3255bfef95601890afd80709.txt",
-            n
-        ));
-        assert!(!location_is("https://example.com/", n));
-        assert!(!location_is("/login?next=/dir", n));
-        assert!(!location_is("", n));
-        assert!(!location_is(
-            "/dir/a%20b_1_da39a3ee5e6b4b0d3255bfef95601890afd80709.txt.bak",
-            n
-        ));
-    }
-
     #[test]
     fn within_a_directory_means_below_it_or_it() {
         assert!(super::is_within("q", "q"));

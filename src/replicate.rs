@@ -494,8 +494,7 @@ impl Sender {
             (OpKind::Put, 302) => response
                 .headers()
                 .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .is_some_and(|l| name::location_is(l, &op.name)),
+                .is_some_and(|l| location_names(l.as_bytes(), response.url(), &op.name)),
             _ => false,
         };
         if accepted {
@@ -504,8 +503,7 @@ impl Sender {
             let to = response
                 .headers()
                 .get(reqwest::header::LOCATION)
-                .and_then(|l| l.to_str().ok())
-                .unwrap_or("nowhere");
+                .map_or("nowhere".into(), |l| String::from_utf8_lossy(l.as_bytes()));
             Err(format!("HTTP 302 to {to}, not to this file"))
         } else {
             let body = tokio::time::timeout(timeout, response.text())
@@ -517,6 +515,39 @@ impl Sender {
             Err(format!("HTTP {status} {reason}").trim().to_string())
         }
     }
+}
+
+/// Whether a 302's `Location` (the header's bytes) names `name`, the file
+/// the request to `request` sent: as the original tool answers (the name
+/// as it is, unencoded, after the neighbour's path; Latin-1 if not UTF-8),
+/// or as a URI reference that, resolved against the request, keeps its
+/// scheme, host, port and (decoded) path, with no query. A redirect
+/// elsewhere (to https, another host, a login page) does not.
+fn location_names(location: &[u8], request: &reqwest::Url, name: &str) -> bool {
+    let text: String = match std::str::from_utf8(location) {
+        Ok(s) => s.to_string(),
+        Err(_) => location.iter().map(|&b| char::from(b)).collect(),
+    };
+    let text = text.trim();
+    if text.is_empty() {
+        return false;
+    }
+    let prefix = request
+        .path()
+        .strip_suffix(name::location(name).as_str())
+        .unwrap_or("");
+    if text.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) == Some(name) {
+        return true;
+    }
+    let Ok(target) = request.join(text) else {
+        return false;
+    };
+    let decoded = |p: &str| percent_encoding::percent_decode_str(p).collect::<Vec<u8>>();
+    target.scheme() == request.scheme()
+        && target.host_str() == request.host_str()
+        && target.port_or_known_default() == request.port_or_known_default()
+        && target.query().is_none()
+        && decoded(target.path()) == decoded(request.path())
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -562,6 +593,47 @@ impl Progress {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_302_counts_only_when_it_names_the_file() {
+        let name = "dir/caf\u{e9} 100%_1_da39a3ee5e6b4b0d3255bfef95601890afd80709.txt";
+        let url =
+            |base: &str| reqwest::Url::parse(&format!("{base}{}", name::location(name))).unwrap();
+        let plain = url("http://10.0.0.2:8080");
+        let ok = |loc: &[u8], u: &reqwest::Url| location_names(loc, u, name);
+        // What cockatiel answers: the encoded path, or an absolute URL to it.
+        assert!(ok(name::location(name).as_bytes(), &plain));
+        assert!(ok(
+            format!("http://10.0.0.2:8080{}", name::location(name)).as_bytes(),
+            &plain
+        ));
+        // The original tool: the name as it is, in UTF-8 or Latin-1.
+        assert!(ok(format!("/{name}").as_bytes(), &plain));
+        let latin1: Vec<u8> = format!("/{name}").chars().map(|c| c as u8).collect();
+        assert!(ok(&latin1, &plain));
+        // A neighbour under a path prefix.
+        let prefixed = url("http://h/files");
+        assert!(ok(
+            format!("/files{}", name::location(name)).as_bytes(),
+            &prefixed
+        ));
+        assert!(ok(format!("/files/{name}").as_bytes(), &prefixed));
+        assert!(!ok(name::location(name).as_bytes(), &prefixed));
+        // Redirects elsewhere.
+        let https = format!("https://10.0.0.2:8080{}", name::location(name));
+        assert!(!ok(https.as_bytes(), &plain));
+        assert!(!ok(
+            format!("http://other:8080{}", name::location(name)).as_bytes(),
+            &plain
+        ));
+        assert!(!ok(
+            format!("{}?login=1", name::location(name)).as_bytes(),
+            &plain
+        ));
+        assert!(!ok(b"https://files.example.com/", &plain));
+        assert!(!ok(b"/login", &plain));
+        assert!(!ok(b"", &plain));
+    }
 
     #[test]
     fn backoff_doubles_to_the_cap() {

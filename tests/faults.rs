@@ -371,9 +371,11 @@ fn scripted_neighbour(
 
 #[test]
 fn a_redirect_elsewhere_is_not_taken_for_having_the_file() {
-    // Like an http → https redirect in front of a misconfigured neighbour.
-    let (elsewhere, tries) = scripted_neighbour(|_| {
-        "HTTP/1.1 302 Found\r\nLocation: https://files.example.com/\r\nContent-Length: 0\r\nConnection: close\r\n\r\n".into()
+    // An http → https redirect in front of a misconfigured neighbour
+    // (nginx: `return 302 https://$host$request_uri`): same path.
+    let (elsewhere, tries) = scripted_neighbour(|request_line| {
+        let path = request_line.split(' ').nth(1).unwrap_or("/");
+        format!("HTTP/1.1 302 Found\r\nLocation: https://127.0.0.1{path}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
     });
     // A neighbour that has the file answers 302 naming it.
     let (has_it, _) = scripted_neighbour(|request_line| {
@@ -417,9 +419,14 @@ struct SlowSyncs(std::process::Child);
 
 impl SlowSyncs {
     fn attach(pid: u32, delay_us: u32) -> SlowSyncs {
+        SlowSyncs::inject(pid, &format!("syncfs:delay_enter={delay_us}"))
+    }
+
+    /// strace's `--inject=` argument of its own.
+    fn inject(pid: u32, what: &str) -> SlowSyncs {
         let child = std::process::Command::new("strace")
             .args(["-qq", "-f", "-o", "/dev/null", "-e", "trace=syncfs"])
-            .arg(format!("--inject=syncfs:delay_enter={delay_us}"))
+            .arg(format!("--inject={what}"))
             .args(["-p", &pid.to_string()])
             .spawn()
             .expect("strace is needed for this test (.ci/run installs it)");
@@ -489,4 +496,33 @@ fn a_neighbour_asking_with_no_cache_hears_of_a_file_only_once_it_is_durable() {
     );
     // Without no-cache a reader is not held up by uploads.
     assert_eq!(node.head(&name).status, 200);
+}
+
+#[test]
+fn an_upload_whose_sync_fails_is_not_kept() {
+    // The first sync (the content) succeeds; the one that would make the
+    // rename durable fails after a pause, during which a reader finds the
+    // file in place and the node keeps a copy of it in memory.
+    let node = Node::start(&[]);
+    let body = b"written, renamed, never durable".to_vec();
+    let name = format!("/failed_{}_{}.txt", unix_now(), sha1_hex(&body));
+    let broken = SlowSyncs::inject(node.pid(), "syncfs:error=EIO:delay_enter=1500000:when=2+");
+    let port = node.port();
+    let upload = {
+        let (name, body) = (name.clone(), body.clone());
+        std::thread::spawn(move || request(port, "PUT", &name, &[], &body).status)
+    };
+    let seen = wait_until(Duration::from_secs(10), || node.get(&name).status == 200);
+    let status = upload.join().unwrap();
+    drop(broken);
+    assert!(
+        seen,
+        "the file never showed up between its rename and its sync"
+    );
+    assert!(status >= 500, "an upload whose sync failed got {status}");
+    // Nothing heard 201: the file is gone, from the disk and from memory.
+    assert_eq!(node.get(&name).status, 404);
+    assert!(node.stored_files().is_empty(), "{:?}", node.stored_files());
+    // The node goes on: the same upload succeeds now.
+    assert_eq!(node.put(&name, &body).status, 201);
 }

@@ -189,16 +189,23 @@ impl Api {
     }
 
     async fn get(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
-        let want_body = req.method() == Method::GET;
         // `no-cache` asks for an answer this node stands by (a neighbour
-        // deciding whether to send a file asks so): under the name's lock,
-        // a file between its rename and the sync that makes it durable is
-        // waited for rather than reported present.
-        let _settled = if asks_no_cache(req.headers()) {
-            Some(self.locks.lock(name).await)
-        } else {
-            None
-        };
+        // deciding whether to send a file asks so): a file found between
+        // its rename and the sync that makes it durable is waited for (its
+        // upload holds the name's lock until then) and looked up again.
+        let no_cache = asks_no_cache(req.headers());
+        loop {
+            let answer = self.get_once(name, req).await;
+            if no_cache && answer.is_ok() && self.ingest.is_unsettled(name) {
+                drop(self.locks.lock(name).await);
+                continue;
+            }
+            return answer;
+        }
+    }
+
+    async fn get_once(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
+        let want_body = req.method() == Method::GET;
         if let Some(hot) = self.cache.get(name) {
             return Ok(file_response(
                 &hot.meta,
@@ -349,10 +356,21 @@ impl Api {
         // away (hyper then drops this future): the name lock must cover the
         // whole commit-and-rename, or a sender or a DELETE could slip in
         // between the logged operation and the rename.
-        let (locks, ingest, n) = (self.locks.clone(), self.ingest.clone(), stored.clone());
+        let (locks, ingest, cache, n) = (
+            self.locks.clone(),
+            self.ingest.clone(),
+            self.cache.clone(),
+            stored.clone(),
+        );
         let outcome = tokio::spawn(async move {
             let _guard = locks.lock(&n).await;
-            ingest.submit(n, content).await
+            let outcome = ingest.submit(n.clone(), content).await;
+            if outcome.is_err() {
+                // A file whose sync failed is removed; a reader may have
+                // taken a copy while it was in place.
+                cache.forget(&n);
+            }
+            outcome
         })
         .await
         .map_err(|e| Error::Task(e.to_string()))??;
