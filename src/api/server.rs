@@ -42,7 +42,9 @@ pub async fn serve(
         // Server header and a reason); `Api` answers the rest with 431.
         // (hyper's header count limit stays at its default of 100: a higher
         // one costs every request the initialisation of that many slots;
-        // 4,096, all that fit in 16 KiB, cut get_small by a third.)
+        // 4,096, all that fit in 16 KiB, cut get_small by a third, and 256
+        // by 7%: 98,343 against 105,645 req/s in one harness run. Apache's
+        // LimitRequestFields is 100 too.)
         .max_header_size(config.max_header_size.saturating_mul(4).max(64 * 1024))
         .keep_alive(true);
     let slots = Arc::new(Semaphore::new(config.max_connections));
