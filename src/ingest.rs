@@ -149,8 +149,7 @@ fn run(
         // (and new directories) become durable together.
         let synced = sync.sync();
         for Renamed { name, reply } in renamed.drain(..) {
-            unsettled.set().remove(&name);
-            let _ = reply.send(match &synced {
+            let answer = match &synced {
                 Ok(()) => Ok(Outcome::Created),
                 Err(e) => {
                     // Its content may not have reached the disk, and nobody
@@ -162,7 +161,10 @@ fn run(
                     }
                     Err(Error::Store(e.copy()))
                 }
-            });
+            };
+            // Settled once durable or gone, before anyone hears of it.
+            unsettled.set().remove(&name);
+            let _ = reply.send(answer);
         }
         if let Err(e) = &synced {
             for r in ready {

@@ -81,7 +81,9 @@ pub async fn run(config: Config, shutdown: impl Future<Output = ()>) -> Result<(
     // A stopping node may close its database a moment after its storage.
     let deadline = tokio::time::Instant::now() + LOCK_GRACE;
     let state = loop {
-        match state::State::open(&config.queue, &config.neighbours) {
+        match state::State::open_over(&config.queue, &config.neighbours, || {
+            store.holds_stored_files()
+        }) {
             Err(e) if e.is_already_open() && tokio::time::Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }

@@ -138,23 +138,6 @@ impl Sender {
                 }
             }
         };
-        // A neighbour that needs operations the log no longer holds (a new
-        // one, or one dropped from --node and added again) first gets
-        // everything stored and deleted here; then what is logged.
-        loop {
-            match me.state.missing_before(position) {
-                Ok(None) => break,
-                Ok(Some(upto)) => {
-                    if me.catch_up().await {
-                        position = upto;
-                        me.state.accepted(&me.neighbour, position);
-                        break;
-                    }
-                }
-                Err(e) => tracing::error!("replication to {}: {e}", me.neighbour),
-            }
-            tokio::time::sleep(me.config.retry_max).await;
-        }
         me.stats
             .update(&me.neighbour, |s| s.position = Some(position));
         // The position is saved lazily: losing it to a crash only resends
@@ -162,6 +145,24 @@ impl Sender {
         let mut saved = (position, Instant::now());
         // Highest sequence number handed out for sending.
         let mut dispatched = position;
+        // A neighbour that needs operations the log no longer holds (a new
+        // one, or one dropped from --node and added again) is sent every
+        // deletion and stored file alongside what is logged; its position
+        // moves past the gap only once all of that was accepted.
+        let mut catching_up: Option<CatchUp> = loop {
+            match me.state.missing_before(position) {
+                Ok(None) => break None,
+                Ok(Some(upto)) => {
+                    dispatched = upto;
+                    let m = me.clone();
+                    break Some(Box::pin(async move { m.catch_up().await }));
+                }
+                Err(e) => {
+                    tracing::error!("replication to {}: {e}", me.neighbour);
+                    tokio::time::sleep(me.config.retry_max).await;
+                }
+            }
+        };
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
         let mut retry: VecDeque<Op> = VecDeque::new();
         let mut in_flight: JoinSet<(Op, Result<(), String>)> = JoinSet::new();
@@ -237,9 +238,10 @@ impl Sender {
                             }
                         }
                     }
-                    // Everything before the oldest unanswered operation is accepted.
+                    // Everything before the oldest unanswered operation is
+                    // accepted (and, once caught up, everything before the log).
                     let accepted = outstanding.first().map_or(dispatched, |s| s - 1);
-                    if accepted > position {
+                    if accepted > position && catching_up.is_none() {
                         position = accepted;
                         me.stats.update(&me.neighbour, |s| s.position = Some(position));
                         let caught_up = in_flight.is_empty() && retry.is_empty();
@@ -259,6 +261,25 @@ impl Sender {
                 }
                 () = sleep_until(resume_at), if resume_at.is_some() => {
                     resume_at = None;
+                }
+                complete = finished(catching_up.as_mut()), if catching_up.is_some() => {
+                    if complete {
+                        catching_up = None;
+                        position = position.max(outstanding.first().map_or(dispatched, |s| s - 1));
+                        me.stats.update(&me.neighbour, |s| s.position = Some(position));
+                        // Durably: a lost position means sending everything again.
+                        me.state.accepted(&me.neighbour, position);
+                        if let Err(e) = me.state.flush().await {
+                            tracing::error!("replication to {}: saving its position: {e}", me.neighbour);
+                        }
+                        saved = (position, Instant::now());
+                    } else {
+                        let m = me.clone();
+                        catching_up = Some(Box::pin(async move {
+                            tokio::time::sleep(m.config.retry_max).await;
+                            m.catch_up().await
+                        }));
+                    }
                 }
             }
         }
@@ -322,7 +343,9 @@ impl Sender {
             }
         }
         while tasks.join_next().await.is_some() {}
-        self.stats.update(&self.neighbour, |s| s.catching_up = None);
+        if complete {
+            self.stats.update(&self.neighbour, |s| s.catching_up = None);
+        }
         complete
     }
 
@@ -518,11 +541,13 @@ impl Sender {
 }
 
 /// Whether a 302's `Location` (the header's bytes) names `name`, the file
-/// the request to `request` sent: as the original tool answers (the name
-/// as it is, unencoded, after the neighbour's path; Latin-1 if not UTF-8),
-/// or as a URI reference that, resolved against the request, keeps its
-/// scheme, host, port and (decoded) path, with no query. A redirect
-/// elsewhere (to https, another host, a login page) does not.
+/// the request to `request` sent: the path a node answers (`/` and the
+/// name, encoded or, as the original tool answers, as it is, Latin-1 if
+/// not UTF-8), also when the neighbour's URL has a path of its own (a
+/// proxy maps it; the node behind does not know it); or a URI reference
+/// that, resolved against the request, keeps its scheme, host, port and
+/// (decoded) path, with no query. A redirect elsewhere (to https, another
+/// host, a login page) does not.
 fn location_names(location: &[u8], request: &reqwest::Url, name: &str) -> bool {
     let text: String = match std::str::from_utf8(location) {
         Ok(s) => s.to_string(),
@@ -532,11 +557,10 @@ fn location_names(location: &[u8], request: &reqwest::Url, name: &str) -> bool {
     if text.is_empty() {
         return false;
     }
-    let prefix = request
-        .path()
-        .strip_suffix(name::location(name).as_str())
-        .unwrap_or("");
-    if text.strip_prefix(prefix).and_then(|r| r.strip_prefix('/')) == Some(name) {
+    let encoded = name::location(name);
+    let prefix = request.path().strip_suffix(encoded.as_str()).unwrap_or("");
+    let bare = |t: &str| t.strip_prefix('/') == Some(name) || t == encoded;
+    if bare(text) || text.strip_prefix(prefix).is_some_and(bare) {
         return true;
     }
     let Ok(target) = request.join(text) else {
@@ -548,6 +572,17 @@ fn location_names(location: &[u8], request: &reqwest::Url, name: &str) -> bool {
         && target.port_or_known_default() == request.port_or_known_default()
         && target.query().is_none()
         && decoded(target.path()) == decoded(request.path())
+}
+
+/// A pass sending a neighbour everything stored and deleted: true when
+/// all of it was accepted, false when it must be made again.
+type CatchUp = std::pin::Pin<Box<dyn std::future::Future<Output = bool> + Send>>;
+
+async fn finished(pass: Option<&mut CatchUp>) -> bool {
+    match pass {
+        Some(pass) => pass.await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn sleep_until(at: Option<tokio::time::Instant>) {
@@ -618,7 +653,13 @@ mod tests {
             &prefixed
         ));
         assert!(ok(format!("/files/{name}").as_bytes(), &prefixed));
-        assert!(!ok(name::location(name).as_bytes(), &prefixed));
+        // The node behind the proxy answers without the prefix.
+        assert!(ok(name::location(name).as_bytes(), &prefixed));
+        assert!(ok(format!("/{name}").as_bytes(), &prefixed));
+        assert!(!ok(
+            format!("/other{}", name::location(name)).as_bytes(),
+            &prefixed
+        ));
         // Redirects elsewhere.
         let https = format!("https://10.0.0.2:8080{}", name::location(name));
         assert!(!ok(https.as_bytes(), &plain));

@@ -244,6 +244,16 @@ pub struct State {
 impl State {
     /// Open (or create) `dir/state.redb` and start the writer thread.
     pub fn open(dir: &Path, neighbours: &[String]) -> Result<State, StateError> {
+        State::open_over(dir, neighbours, || false)
+    }
+
+    /// `open`, for a storage directory that may already hold files: asked
+    /// only when the log is new.
+    pub fn open_over(
+        dir: &Path,
+        neighbours: &[String],
+        storage_has_files: impl Fn() -> bool,
+    ) -> Result<State, StateError> {
         std::fs::create_dir_all(dir).map_err(|e| db_err(redb::StorageError::Io(e)))?;
         let path = dir.join("state.redb");
         let db = Arc::new(Database::create(&path).map_err(db_err)?);
@@ -254,8 +264,20 @@ impl State {
                 let oplog = txn.open_table(OPLOG).map_err(db_err)?;
                 txn.open_table(DELETED).map_err(db_err)?;
                 txn.open_table(PENDING_UNLINK).map_err(db_err)?;
-                let meta = txn.open_table(META).map_err(db_err)?;
-                let next = meta.get(NEXT_SEQ).map_err(db_err)?.map_or(1, |v| v.value());
+                let mut meta = txn.open_table(META).map_err(db_err)?;
+                let logged = meta.get(NEXT_SEQ).map_err(db_err)?.map(|v| v.value());
+                let next = match logged {
+                    Some(next) => next,
+                    // A new log over files it does not cover (copied in,
+                    // left by the original tool, a new --queue): as if one
+                    // operation for all of them had been logged and trimmed,
+                    // so that every neighbour is first sent everything.
+                    None if storage_has_files() => {
+                        meta.insert(NEXT_SEQ, 2).map_err(db_err)?;
+                        2
+                    }
+                    None => 1,
+                };
                 let mut positions = txn.open_table(POSITIONS).map_err(db_err)?;
                 // Forget neighbours that are no longer configured (so the
                 // log can be trimmed), saying so when that drops operations

@@ -479,18 +479,32 @@ impl Store {
 
     /// Hand every file in stored form to `each`, depth first, until it
     /// returns false. Hidden entries (the temporary area among them) and
-    /// symbolic links are passed over; a directory that vanishes meanwhile
-    /// (pruned after a deletion) is skipped. Blocks; for a full resend.
+    /// symbolic links are passed over; so is an entry that vanishes
+    /// meanwhile (pruned after a deletion) and, with a warning, a directory
+    /// that cannot be read (a `lost+found` owned by root): no request could
+    /// read what is in it either. Only an unreadable root is an error.
+    /// Blocks; for a full resend.
     pub fn for_each_stored(&self, mut each: impl FnMut(String) -> bool) -> Result<(), StoreError> {
         let mut dirs = vec![String::new()];
         while let Some(dir) = dirs.pop() {
             let entries = match std::fs::read_dir(self.root.join(&dir)) {
                 Ok(entries) => entries,
-                Err(e) if e.kind() == io::ErrorKind::NotFound && !dir.is_empty() => continue,
-                Err(e) => return Err(e.into()),
+                Err(e) if dir.is_empty() => return Err(e.into()),
+                Err(e) => {
+                    if e.kind() != io::ErrorKind::NotFound {
+                        tracing::warn!("passing over {dir}: {e}");
+                    }
+                    continue;
+                }
             };
             for entry in entries {
-                let entry = entry?;
+                let entry = match entry {
+                    Ok(entry) => entry,
+                    Err(e) => {
+                        tracing::warn!("passing over the rest of /{dir}: {e}");
+                        break;
+                    }
+                };
                 let Ok(base) = entry.file_name().into_string() else {
                     continue;
                 };
@@ -502,7 +516,9 @@ impl Store {
                 } else {
                     format!("{dir}/{base}")
                 };
-                let kind = entry.file_type()?;
+                let Ok(kind) = entry.file_type() else {
+                    continue;
+                };
                 if kind.is_dir() {
                     dirs.push(rel);
                 } else if kind.is_file()
@@ -515,6 +531,17 @@ impl Store {
             }
         }
         Ok(())
+    }
+
+    /// Whether any file in stored form is here (an unreadable root counts
+    /// as yes: sending everything again is the safe side).
+    pub fn holds_stored_files(&self) -> bool {
+        let mut found = false;
+        let walked = self.for_each_stored(|_| {
+            found = true;
+            false
+        });
+        walked.is_err() || found
     }
 
     /// Remove `dirs` and its ancestors while they are empty. Failure to

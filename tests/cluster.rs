@@ -694,7 +694,79 @@ fn a_neighbour_added_later_gets_every_file_and_deletion() {
         assert_eq!(r.status, 409, "PUT {loc} on C: {}", r.describe());
     }
     assert_eq!(c.stored_files().len(), kept.len(), "{:?}", c.stored_files());
-    assert!(a
-        .stderr_text()
-        .contains("needs operations no longer logged here"));
+    let catch_up = "needs operations no longer logged here";
+    assert_eq!(a.stderr_text().matches(catch_up).count(), 1);
+    // Once done, it is done for good: its position was saved durably.
+    a.kill9();
+    a.restart();
+    wait_queues_empty(&[&a, &c], REPLICATION_BOUND, "after A's kill -9");
+    assert_eq!(a.stderr_text().matches(catch_up).count(), 1);
+}
+
+#[test]
+fn a_file_a_new_neighbour_refuses_holds_up_nothing_else() {
+    let (pa, pb, pc) = (free_port(), free_port(), free_port());
+    let mut a = Node::start_on(pa, &node_args(pa, &[pb], None, &[]));
+    let b = Node::start_on(pb, &node_args(pb, &[], None, &[]));
+    let early = a.put_ok("/early.txt", b"stored before C joined");
+    wait_queues_empty(&[&a], REPLICATION_BOUND, "A to B");
+    assert!(a.stop().success());
+    // A stored-form name whose content is not its hash (put there by
+    // hand): any neighbour answers 400 to it, for ever.
+    let bad = format!("bad_1700000000_{}.bin", sha1_hex(b"something else"));
+    std::fs::write(a.storage().join(&bad), b"not what the name says").unwrap();
+    let c = Node::start_on(pc, &node_args(pc, &[], None, &[]));
+    a.set_args(node_args(pa, &[pb, pc], None, &[]));
+    a.restart();
+    let later = a.put_ok("/later.txt", b"stored while C catches up");
+    for (loc, body) in [
+        (&early, &b"stored before C joined"[..]),
+        (&later, &b"stored while C catches up"[..]),
+    ] {
+        assert!(
+            wait_has(&c, &decoded(loc), body, REPLICATION_BOUND),
+            "{loc} never reached C\n{}",
+            describe_statuses(&[&a, &c])
+        );
+    }
+    // Not caught up, and saying why.
+    let says_why = wait_until(REPLICATION_BOUND, || {
+        a.status().is_some_and(|s| {
+            let q = &s["queues"][url_of(pc)];
+            q["last_error"].as_str().is_some_and(|e| e.contains("400"))
+                && q["catch_up"].is_object()
+                && q["length"].as_u64() > Some(0)
+        })
+    });
+    assert!(says_why, "{}", describe_statuses(&[&a]));
+    assert!(c.read_stored(&bad).is_none());
+    drop(b);
+}
+
+#[test]
+fn a_new_log_over_stored_files_sends_them_all() {
+    let (pa, pc) = (free_port(), free_port());
+    // Files stored by a node with no neighbours; then its state is lost
+    // (or, alike, the files were copied in or left by the original tool).
+    let mut a = Node::start_on(pa, &node_args(pa, &[], None, &[]));
+    let mut rng = Rng::new(7);
+    let files: Vec<(String, Vec<u8>)> = (0..12)
+        .map(|i| {
+            let body = rng.bytes(100 + i * 31);
+            (a.put_ok(&format!("/old/f{i}.bin"), &body), body)
+        })
+        .collect();
+    assert!(a.stop().success());
+    std::fs::remove_dir_all(a.queue()).unwrap();
+    let c = Node::start_on(pc, &node_args(pc, &[], None, &[]));
+    a.set_args(node_args(pa, &[pc], None, &[]));
+    a.restart();
+    for (loc, body) in &files {
+        assert!(
+            wait_has(&c, &decoded(loc), body, REPLICATION_BOUND),
+            "{loc} never reached C\n{}",
+            describe_statuses(&[&a, &c])
+        );
+    }
+    wait_queues_empty(&[&a], REPLICATION_BOUND, "A to C");
 }

@@ -193,20 +193,30 @@ impl Api {
         // deciding whether to send a file asks so): a file found between
         // its rename and the sync that makes it durable is waited for (its
         // upload holds the name's lock until then) and looked up again.
+        // Such a read skips the in-memory copies: a file whose sync failed
+        // is unlinked while still counted unsettled, its copy only after.
         let no_cache = asks_no_cache(req.headers());
-        loop {
-            let answer = self.get_once(name, req).await;
+        for _ in 0..UNSETTLED_LOOKS {
+            let answer = self.get_once(name, req, !no_cache).await;
             if no_cache && answer.is_ok() && self.ingest.is_unsettled(name) {
                 drop(self.locks.lock(name).await);
                 continue;
             }
             return answer;
         }
+        Err(Error::Task(format!(
+            "{name} stayed between its rename and its sync"
+        )))
     }
 
-    async fn get_once(&self, name: &str, req: &Request<Incoming>) -> Result<Response<Body>, Error> {
+    async fn get_once(
+        &self,
+        name: &str,
+        req: &Request<Incoming>,
+        use_copies: bool,
+    ) -> Result<Response<Body>, Error> {
         let want_body = req.method() == Method::GET;
-        if let Some(hot) = self.cache.get(name) {
+        if let Some(hot) = use_copies.then(|| self.cache.get(name)).flatten() {
             return Ok(file_response(
                 &hot.meta,
                 Source::Bytes(hot.bytes.clone()),
@@ -729,6 +739,11 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
 
 /// 400 unless the body's SHA1 is the one `X-Content-SHA1` announced (both
 /// lower-case hex).
+/// How often a no-cache read looks again after waiting for an upload of
+/// the name (once is enough: an upload in place is never followed by
+/// another; the bound is against a bug, not a case).
+const UNSETTLED_LOOKS: usize = 4;
+
 fn asks_no_cache(headers: &HeaderMap) -> bool {
     let values = |name| headers.get_all(name).iter().filter_map(|v| v.to_str().ok());
     precondition::no_cache(values(header::CACHE_CONTROL), values(header::PRAGMA))
