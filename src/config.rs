@@ -89,7 +89,8 @@ pub struct Cli {
     /// Longest retry delay, in seconds.
     #[arg(long, default_value = "30", value_parser = parse_seconds)]
     pub retry_max: Duration,
-    /// Replication requests in flight per neighbour.
+    /// Replication requests in flight per neighbour (as many again while a
+    /// neighbour that joined late is sent everything stored and deleted).
     #[arg(long, default_value_t = 16, value_parser = clap::value_parser!(u16).range(1..=1024))]
     pub max_in_flight: u16,
     /// Seconds that in-flight requests get to finish on SIGTERM/SIGINT.

@@ -28,6 +28,34 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 /// ones only after a HEAD shows the neighbour lacks them.
 const SMALL_BODY: u64 = 256 * 1024;
 
+/// Why a neighbour did not accept an operation. `refused`: it answered
+/// about this operation in particular (a 4xx other than 401, 408 and 429:
+/// a body that does not match its hash, over its `--max-size`), so other
+/// operations may well go through.
+#[derive(Debug)]
+struct Failure {
+    text: String,
+    refused: bool,
+}
+
+impl From<String> for Failure {
+    fn from(text: String) -> Failure {
+        Failure {
+            text,
+            refused: false,
+        }
+    }
+}
+
+/// Whether an answer refuses this operation rather than any operation.
+fn refuses_this_one(status: u16) -> bool {
+    (400..500).contains(&status) && !matches!(status, 401 | 408 | 429)
+}
+
+/// Files a catch-up pass keeps aside when the neighbour refuses them, to
+/// try again once the rest went through; more make the pass start over.
+const REFUSED_KEPT: usize = 1024;
+
 /// The next retry delay after a failure: doubling from `min`, capped at `max`.
 pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
     current.saturating_mul(2).clamp(min, max)
@@ -165,7 +193,7 @@ impl Sender {
         };
         let mut outstanding: BTreeSet<u64> = BTreeSet::new();
         let mut retry: VecDeque<Op> = VecDeque::new();
-        let mut in_flight: JoinSet<(Op, Result<(), String>)> = JoinSet::new();
+        let mut in_flight: JoinSet<(Op, Result<(), Failure>)> = JoinSet::new();
         // What each task in flight is sending, should it end without saying.
         let mut sending: HashMap<tokio::task::Id, Op> = HashMap::new();
         let mut backoff = me.config.retry_min;
@@ -213,7 +241,7 @@ impl Sender {
                         // the operation is retried all the same, or the
                         // position would stay behind it for good.
                         Err(e) => match sending.remove(&e.id()) {
-                            Some(op) => (op, Err(format!("replication task failed: {e}"))),
+                            Some(op) => (op, Err(format!("replication task failed: {e}").into())),
                             None => continue,
                         },
                     };
@@ -224,9 +252,9 @@ impl Sender {
                             me.stats.update(&me.neighbour, |s| s.last_success = Some(unix_now()));
                         }
                         Err(e) => {
-                            tracing::debug!("replication of {} to {} failed: {e}", op.name, me.neighbour);
+                            tracing::debug!("replication of {} to {} failed: {}", op.name, me.neighbour, e.text);
                             me.stats.update(&me.neighbour, |s| {
-                                s.last_error = Some(e);
+                                s.last_error = Some(e.text);
                                 s.last_error_at = Some(unix_now());
                             });
                             retry.push_back(op);
@@ -241,7 +269,11 @@ impl Sender {
                     // Everything before the oldest unanswered operation is
                     // accepted (and, once caught up, everything before the log).
                     let accepted = outstanding.first().map_or(dispatched, |s| s - 1);
-                    if accepted > position && catching_up.is_none() {
+                    if catching_up.is_some() {
+                        // /_status counts what the log still holds for it;
+                        // the saved position waits for the pass.
+                        me.stats.update(&me.neighbour, |s| s.position = Some(accepted));
+                    } else if accepted > position {
                         position = accepted;
                         me.stats.update(&me.neighbour, |s| s.position = Some(position));
                         let caught_up = in_flight.is_empty() && retry.is_empty();
@@ -269,10 +301,10 @@ impl Sender {
                         me.stats.update(&me.neighbour, |s| s.position = Some(position));
                         // Durably: a lost position means sending everything again.
                         me.state.accepted(&me.neighbour, position);
-                        if let Err(e) = me.state.flush().await {
-                            tracing::error!("replication to {}: saving its position: {e}", me.neighbour);
+                        match me.state.flush().await {
+                            Ok(()) => saved = (position, Instant::now()),
+                            Err(e) => tracing::error!("replication to {}: saving its position: {e}", me.neighbour),
                         }
-                        saved = (position, Instant::now());
                     } else {
                         let m = me.clone();
                         catching_up = Some(Box::pin(async move {
@@ -296,7 +328,7 @@ impl Sender {
         );
         self.stats
             .update(&self.neighbour, |s| s.catching_up = Some((0, 0)));
-        let mut tasks: JoinSet<()> = JoinSet::new();
+        let mut pass = Pass::default();
         let mut complete = true;
         let mut after: Option<String> = None;
         loop {
@@ -312,7 +344,7 @@ impl Sender {
                 break;
             };
             for name in names {
-                self.send_until_accepted(&mut tasks, OpKind::Delete, name)
+                self.offer(&mut pass, Op::catching_up(OpKind::Delete, name), true)
                     .await;
             }
             after = Some(last);
@@ -324,7 +356,7 @@ impl Sender {
                 store.for_each_stored(|name| tx.blocking_send(name).is_ok())
             });
             while let Some(name) = rx.recv().await {
-                self.send_until_accepted(&mut tasks, OpKind::Put, name)
+                self.offer(&mut pass, Op::catching_up(OpKind::Put, name), true)
                     .await;
             }
             match walk.await {
@@ -342,49 +374,58 @@ impl Sender {
                 }
             }
         }
-        while tasks.join_next().await.is_some() {}
+        self.settle_all(&mut pass).await;
+        // What the neighbour refused, again, with a growing pause, until
+        // it accepts it (or the pass is made again from the start).
+        let mut backoff = self.config.retry_min;
+        while complete && !pass.overflow && !pass.refused.is_empty() {
+            tokio::time::sleep(backoff).await;
+            backoff = next_backoff(backoff, self.config.retry_min, self.config.retry_max);
+            for op in std::mem::take(&mut pass.refused) {
+                self.offer(&mut pass, op, false).await;
+            }
+            self.settle_all(&mut pass).await;
+        }
+        let complete = complete && !pass.overflow && pass.refused.is_empty();
         if complete {
             self.stats.update(&self.neighbour, |s| s.catching_up = None);
         }
         complete
     }
 
-    /// Start sending `name` (once fewer than the window are in flight),
-    /// retried with backoff until the neighbour accepts it.
-    async fn send_until_accepted(
-        self: &Arc<Self>,
-        tasks: &mut JoinSet<()>,
-        kind: OpKind,
-        name: String,
-    ) {
-        while tasks.len() >= self.config.max_in_flight.max(1) {
-            tasks.join_next().await;
-        }
-        self.stats.update(&self.neighbour, |s| {
-            if let Some((found, _)) = &mut s.catching_up {
-                *found += 1;
+    /// Send `op` as part of a catch-up pass once fewer than the window are
+    /// in flight: retried with backoff while the neighbour fails, put aside
+    /// in `pass` when it refuses this one (so that it holds up no other).
+    async fn offer(self: &Arc<Self>, pass: &mut Pass, op: Op, first_time: bool) {
+        while pass.tasks.len() >= self.config.max_in_flight.max(1) {
+            if let Some(joined) = pass.tasks.join_next().await {
+                self.settle(pass, joined);
             }
-        });
-        let op = Op {
-            seq: 0,
-            kind,
-            time: unix_now(),
-            name,
-        };
+        }
+        if first_time {
+            self.stats.update(&self.neighbour, |s| {
+                if let Some((found, _)) = &mut s.catching_up {
+                    *found += 1;
+                }
+            });
+        }
         let me = self.clone();
-        tasks.spawn(async move {
+        pass.tasks.spawn(async move {
             let mut backoff = me.config.retry_min;
             loop {
-                match me.clone().send(op.clone()).await.1 {
-                    Ok(()) => break,
+                let (op, result) = me.clone().send(op.clone()).await;
+                match result {
+                    Ok(()) => return (op, Ok(())),
+                    Err(e) if e.refused => return (op, Err(e)),
                     Err(e) => {
                         tracing::debug!(
-                            "replication of {} to {} failed: {e}",
+                            "replication of {} to {} failed: {}",
                             op.name,
-                            me.neighbour
+                            me.neighbour,
+                            e.text
                         );
                         me.stats.update(&me.neighbour, |s| {
-                            s.last_error = Some(e);
+                            s.last_error = Some(e.text);
                             s.last_error_at = Some(unix_now());
                         });
                         tokio::time::sleep(backoff).await;
@@ -392,24 +433,53 @@ impl Sender {
                     }
                 }
             }
-            me.stats.update(&me.neighbour, |s| {
+        });
+    }
+
+    fn settle(
+        &self,
+        pass: &mut Pass,
+        joined: Result<(Op, Result<(), Failure>), tokio::task::JoinError>,
+    ) {
+        match joined {
+            Ok((_, Ok(()))) => self.stats.update(&self.neighbour, |s| {
                 s.last_success = Some(unix_now());
                 if let Some((_, accepted)) = &mut s.catching_up {
                     *accepted += 1;
                 }
-            });
-        });
+            }),
+            Ok((op, Err(e))) => {
+                tracing::warn!("{} refuses {}: {}", self.neighbour, op.name, e.text);
+                self.stats.update(&self.neighbour, |s| {
+                    s.last_error = Some(e.text);
+                    s.last_error_at = Some(unix_now());
+                });
+                if pass.refused.len() < REFUSED_KEPT {
+                    pass.refused.push(op);
+                } else {
+                    pass.overflow = true;
+                }
+            }
+            // Only an abort (at shutdown) gets here; which one is unknown.
+            Err(_) => pass.overflow = true,
+        }
+    }
+
+    async fn settle_all(&self, pass: &mut Pass) {
+        while let Some(joined) = pass.tasks.join_next().await {
+            self.settle(pass, joined);
+        }
     }
 
     /// Deliver one operation; Ok when the neighbour accepted it. A panic
     /// while delivering counts as a failure, so the operation is retried
     /// and the position is never stuck behind it.
-    async fn send(self: Arc<Self>, op: Op) -> (Op, Result<(), String>) {
+    async fn send(self: Arc<Self>, op: Op) -> (Op, Result<(), Failure>) {
         use futures_util::FutureExt;
         let result = std::panic::AssertUnwindSafe(self.deliver(&op))
             .catch_unwind()
             .await
-            .unwrap_or_else(|_| Err("internal error while sending".to_string()));
+            .unwrap_or_else(|_| Err("internal error while sending".to_string().into()));
         (op, result)
     }
 
@@ -436,7 +506,7 @@ impl Sender {
                 .is_some_and(|e| e.trim_matches('"').eq_ignore_ascii_case(&sha1))
     }
 
-    async fn deliver(&self, op: &Op) -> Result<(), String> {
+    async fn deliver(&self, op: &Op) -> Result<(), Failure> {
         let url = format!("{}{}", self.neighbour, name::location(&op.name));
         let progress = Progress::new();
         let request = match op.kind {
@@ -506,7 +576,7 @@ impl Sender {
         let response = tokio::select! {
             r = request.send() => r.map_err(|e| crate::error::with_causes(&e))?,
             () = progress.stalled(timeout) => {
-                return Err(format!("no progress for {} s", timeout.as_secs_f64()));
+                return Err(format!("no progress for {} s", timeout.as_secs_f64()).into());
             }
         };
         let status = response.status().as_u16();
@@ -527,7 +597,7 @@ impl Sender {
                 .headers()
                 .get(reqwest::header::LOCATION)
                 .map_or("nowhere".into(), |l| String::from_utf8_lossy(l.as_bytes()));
-            Err(format!("HTTP 302 to {to}, not to this file"))
+            Err(format!("HTTP 302 to {to}, not to this file").into())
         } else {
             let body = tokio::time::timeout(timeout, response.text())
                 .await
@@ -535,7 +605,10 @@ impl Sender {
                 .and_then(Result::ok)
                 .unwrap_or_default();
             let reason = body.lines().next().unwrap_or("").trim().to_string();
-            Err(format!("HTTP {status} {reason}").trim().to_string())
+            Err(Failure {
+                text: format!("HTTP {status} {reason}").trim().to_string(),
+                refused: refuses_this_one(status),
+            })
         }
     }
 }
@@ -572,6 +645,27 @@ fn location_names(location: &[u8], request: &reqwest::Url, name: &str) -> bool {
         && target.port_or_known_default() == request.port_or_known_default()
         && target.query().is_none()
         && decoded(target.path()) == decoded(request.path())
+}
+
+/// What a catch-up pass has in flight and has put aside.
+#[derive(Default)]
+struct Pass {
+    tasks: JoinSet<(Op, Result<(), Failure>)>,
+    refused: Vec<Op>,
+    /// More refused than kept (or a task lost): the pass must start over.
+    overflow: bool,
+}
+
+impl Op {
+    /// An operation of a catch-up pass, outside the log.
+    fn catching_up(kind: OpKind, name: String) -> Op {
+        Op {
+            seq: 0,
+            kind,
+            time: unix_now(),
+            name,
+        }
+    }
 }
 
 /// A pass sending a neighbour everything stored and deleted: true when

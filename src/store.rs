@@ -481,30 +481,24 @@ impl Store {
     /// returns false. Hidden entries (the temporary area among them) and
     /// symbolic links are passed over; so is an entry that vanishes
     /// meanwhile (pruned after a deletion) and, with a warning, a directory
-    /// that cannot be read (a `lost+found` owned by root): no request could
-    /// read what is in it either. Only an unreadable root is an error.
-    /// Blocks; for a full resend.
+    /// this process may not list (a `lost+found` owned by root). Any other
+    /// error (out of file descriptors, I/O) ends the walk with it, so that
+    /// a caller does not take a partial walk for a whole one. Blocks.
     pub fn for_each_stored(&self, mut each: impl FnMut(String) -> bool) -> Result<(), StoreError> {
         let mut dirs = vec![String::new()];
         while let Some(dir) = dirs.pop() {
             let entries = match std::fs::read_dir(self.root.join(&dir)) {
                 Ok(entries) => entries,
                 Err(e) if dir.is_empty() => return Err(e.into()),
-                Err(e) => {
-                    if e.kind() != io::ErrorKind::NotFound {
-                        tracing::warn!("passing over {dir}: {e}");
-                    }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                    tracing::warn!("passing over /{dir}: {e}");
                     continue;
                 }
+                Err(e) => return Err(e.into()),
             };
             for entry in entries {
-                let entry = match entry {
-                    Ok(entry) => entry,
-                    Err(e) => {
-                        tracing::warn!("passing over the rest of /{dir}: {e}");
-                        break;
-                    }
-                };
+                let entry = entry?;
                 let Ok(base) = entry.file_name().into_string() else {
                     continue;
                 };
@@ -516,8 +510,10 @@ impl Store {
                 } else {
                     format!("{dir}/{base}")
                 };
-                let Ok(kind) = entry.file_type() else {
-                    continue;
+                let kind = match entry.file_type() {
+                    Ok(kind) => kind,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(e.into()),
                 };
                 if kind.is_dir() {
                     dirs.push(rel);

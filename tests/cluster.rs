@@ -704,42 +704,54 @@ fn a_neighbour_added_later_gets_every_file_and_deletion() {
 }
 
 #[test]
-fn a_file_a_new_neighbour_refuses_holds_up_nothing_else() {
+fn files_a_new_neighbour_refuses_hold_up_nothing_else() {
     let (pa, pb, pc) = (free_port(), free_port(), free_port());
-    let mut a = Node::start_on(pa, &node_args(pa, &[pb], None, &[]));
+    // A window of 2, and more refused files than that.
+    let window = ["--max-in-flight", "2"];
+    let mut a = Node::start_on(pa, &node_args(pa, &[pb], None, &window));
     let b = Node::start_on(pb, &node_args(pb, &[], None, &[]));
-    let early = a.put_ok("/early.txt", b"stored before C joined");
+    let early: Vec<(String, Vec<u8>)> = (0..5)
+        .map(|i| {
+            let body = format!("stored before C joined, {i}").into_bytes();
+            (a.put_ok(&format!("/sub/early{i}.txt"), &body), body)
+        })
+        .collect();
     wait_queues_empty(&[&a], REPLICATION_BOUND, "A to B");
     assert!(a.stop().success());
-    // A stored-form name whose content is not its hash (put there by
-    // hand): any neighbour answers 400 to it, for ever.
-    let bad = format!("bad_1700000000_{}.bin", sha1_hex(b"something else"));
-    std::fs::write(a.storage().join(&bad), b"not what the name says").unwrap();
+    // Stored-form names whose content is not their hash (put there by
+    // hand): any neighbour answers 400 to them, for ever.
+    let bad: Vec<String> = (0..3)
+        .map(|i| format!("bad{i}_1700000000_{}.bin", sha1_hex(b"something else")))
+        .collect();
+    for name in &bad {
+        std::fs::write(a.storage().join(name), b"not what the name says").unwrap();
+    }
     let c = Node::start_on(pc, &node_args(pc, &[], None, &[]));
-    a.set_args(node_args(pa, &[pb, pc], None, &[]));
+    a.set_args(node_args(pa, &[pb, pc], None, &window));
     a.restart();
     let later = a.put_ok("/later.txt", b"stored while C catches up");
-    for (loc, body) in [
-        (&early, &b"stored before C joined"[..]),
-        (&later, &b"stored while C catches up"[..]),
-    ] {
+    let mut expected = early.clone();
+    expected.push((later, b"stored while C catches up".to_vec()));
+    for (loc, body) in &expected {
         assert!(
             wait_has(&c, &decoded(loc), body, REPLICATION_BOUND),
             "{loc} never reached C\n{}",
             describe_statuses(&[&a, &c])
         );
     }
-    // Not caught up, and saying why.
+    // Not caught up, saying why, and counting only what C lacks.
     let says_why = wait_until(REPLICATION_BOUND, || {
         a.status().is_some_and(|s| {
             let q = &s["queues"][url_of(pc)];
             q["last_error"].as_str().is_some_and(|e| e.contains("400"))
-                && q["catch_up"].is_object()
-                && q["length"].as_u64() > Some(0)
+                && q["catch_up"]["accepted"].as_u64() == Some(early.len() as u64)
+                && q["length"].as_u64() == Some(bad.len() as u64 + 1)
         })
     });
     assert!(says_why, "{}", describe_statuses(&[&a]));
-    assert!(c.read_stored(&bad).is_none());
+    for name in &bad {
+        assert!(c.read_stored(name).is_none());
+    }
     drop(b);
 }
 

@@ -737,8 +737,6 @@ fn file_response(meta: &FileMeta, source: Source, req: &Request<Incoming>) -> Re
     resp
 }
 
-/// 400 unless the body's SHA1 is the one `X-Content-SHA1` announced (both
-/// lower-case hex).
 /// How often a no-cache read looks again after waiting for an upload of
 /// the name (once is enough: an upload in place is never followed by
 /// another; the bound is against a bug, not a case).
@@ -749,6 +747,8 @@ fn asks_no_cache(headers: &HeaderMap) -> bool {
     precondition::no_cache(values(header::CACHE_CONTROL), values(header::PRAGMA))
 }
 
+/// 400 unless the body's SHA1 is the one `X-Content-SHA1` announced (both
+/// lower-case hex).
 fn same_sha1(expected: &str, actual: &str) -> Result<(), Error> {
     if expected == actual {
         return Ok(());
