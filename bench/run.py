@@ -73,7 +73,8 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   1.25 ms (1.0 ms with `--queue` on another file system: the database's own
   flush on the same disk lengthens it), for 3–9 uploads per round at 16–32
   clients. The table above shows what the disk allows for the same steps
-  with nothing else running: about a quarter of nginx's rate, which does
+  with nothing else running: 0.25–0.42 of nginx's rate in the runs so far
+  (never half), which does
   not flush at all. Tried and dropped: writing the next round's files
   while a sync runs and a two-stage pipeline (4.0k and 4.6k against 6.1k
   req/s in A/B runs; concurrent writes lengthen the sync); an upload
@@ -134,6 +135,11 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   So replicate at 16 clients is bounded by the chain of two ordered
   flushes (content before name, name before 201) on a disk that both
   nodes share, plus one core that both nodes and the kernel's I/O share.
+  The disk alone, placed as the harness places the nodes (one file system,
+  the server core; run of 2026-11-27 21:47), allowed 3,494 (shared_syncfs)
+  to 4,184 (per_file) files/s: 3,000 is within what the disk allows, and
+  what cockatiel does per file besides the flushes (four HTTP exchanges,
+  two state commits, hashing, on that same core) is the rest of the gap.
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
   page cache (~44%) while writeback runs. How it compares with the durable
   `dd` above depends on the disk's moment: in the runs of 2026-11-27
