@@ -47,14 +47,22 @@ impl From<String> for Failure {
     }
 }
 
-/// Whether an answer refuses this operation rather than any operation.
+/// Whether an answer refuses this operation rather than any operation: a
+/// body that does not match its hash or a name the neighbour's rules refuse
+/// (400), a reserved name (405), over its `--max-size` (413), a name too
+/// long for it (414). Anything else (401, 403 or 404 from a proxy, 407,
+/// 5xx) may be about every request and is waited out.
 fn refuses_this_one(status: u16) -> bool {
-    (400..500).contains(&status) && !matches!(status, 401 | 408 | 429)
+    matches!(status, 400 | 405 | 413 | 414)
 }
 
 /// Files a catch-up pass keeps aside when the neighbour refuses them, to
-/// try again once the rest went through; more make the pass start over.
+/// try again once the rest went through; more end the pass, to be made
+/// again after a pause.
 const REFUSED_KEPT: usize = 1024;
+
+/// Longest pause between catch-up passes that keep ending short.
+const MAX_PASS_PAUSE: Duration = Duration::from_secs(3600);
 
 /// The next retry delay after a failure: doubling from `min`, capped at `max`.
 pub fn next_backoff(current: Duration, min: Duration, max: Duration) -> Duration {
@@ -71,8 +79,11 @@ pub struct NeighbourStats {
     /// Seconds until the next retry while backing off.
     pub retry_in: Option<f64>,
     /// Everything up to this sequence number is accepted (live; the
-    /// database copy is written lazily).
+    /// database copy is written lazily, and a clean stop writes this).
     pub position: Option<u64>,
+    /// During a catch-up pass, how far the log itself is accepted (ahead
+    /// of `position`, which waits for the pass): what `/_status` counts.
+    pub log_position: Option<u64>,
     /// While a neighbour that needs operations no longer logged is sent
     /// everything: files and deletions found so far, and accepted.
     pub catching_up: Option<(u64, u64)>,
@@ -87,6 +98,13 @@ impl Stats {
     pub fn position(&self, neighbour: &str) -> Option<u64> {
         let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
         map.get(neighbour).and_then(|s| s.position)
+    }
+
+    /// How far `neighbour` accepted the log (for counting its queue).
+    pub fn log_position(&self, neighbour: &str) -> Option<u64> {
+        let map = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(neighbour)
+            .and_then(|s| s.log_position.or(s.position))
     }
 
     pub fn get(&self, neighbour: &str) -> Option<NeighbourStats> {
@@ -177,6 +195,7 @@ impl Sender {
         // one, or one dropped from --node and added again) is sent every
         // deletion and stored file alongside what is logged; its position
         // moves past the gap only once all of that was accepted.
+        let mut pass_pause = me.config.retry_max;
         let mut catching_up: Option<CatchUp> = loop {
             match me.state.missing_before(position) {
                 Ok(None) => break None,
@@ -272,7 +291,7 @@ impl Sender {
                     if catching_up.is_some() {
                         // /_status counts what the log still holds for it;
                         // the saved position waits for the pass.
-                        me.stats.update(&me.neighbour, |s| s.position = Some(accepted));
+                        me.stats.update(&me.neighbour, |s| s.log_position = Some(accepted));
                     } else if accepted > position {
                         position = accepted;
                         me.stats.update(&me.neighbour, |s| s.position = Some(position));
@@ -297,8 +316,12 @@ impl Sender {
                 complete = finished(catching_up.as_mut()), if catching_up.is_some() => {
                     if complete {
                         catching_up = None;
+                        pass_pause = me.config.retry_max;
                         position = position.max(outstanding.first().map_or(dispatched, |s| s - 1));
-                        me.stats.update(&me.neighbour, |s| s.position = Some(position));
+                        me.stats.update(&me.neighbour, |s| {
+                            s.position = Some(position);
+                            s.log_position = None;
+                        });
                         // Durably: a lost position means sending everything again.
                         me.state.accepted(&me.neighbour, position);
                         match me.state.flush().await {
@@ -306,9 +329,12 @@ impl Sender {
                             Err(e) => tracing::error!("replication to {}: saving its position: {e}", me.neighbour),
                         }
                     } else {
-                        let m = me.clone();
+                        // Made again after a pause that grows while passes
+                        // keep ending short (each may send every file).
+                        let (m, pause) = (me.clone(), pass_pause);
+                        pass_pause = (pass_pause * 2).min(MAX_PASS_PAUSE.max(me.config.retry_max));
                         catching_up = Some(Box::pin(async move {
-                            tokio::time::sleep(m.config.retry_max).await;
+                            tokio::time::sleep(pause).await;
                             m.catch_up().await
                         }));
                     }
@@ -347,9 +373,12 @@ impl Sender {
                 self.offer(&mut pass, Op::catching_up(OpKind::Delete, name), true)
                     .await;
             }
+            if pass.overflow {
+                break;
+            }
             after = Some(last);
         }
-        if complete {
+        if complete && !pass.overflow {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
             let store = self.store.clone();
             let walk = tokio::task::spawn_blocking(move || {
@@ -358,7 +387,13 @@ impl Sender {
             while let Some(name) = rx.recv().await {
                 self.offer(&mut pass, Op::catching_up(OpKind::Put, name), true)
                     .await;
+                if pass.overflow {
+                    // Too much refused: stop here (the walk stops when
+                    // nobody takes its names) and start over later.
+                    break;
+                }
             }
+            drop(rx);
             match walk.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {

@@ -498,8 +498,12 @@ impl Api {
             // A DELETE repeated after one whose unlink failed finishes it.
             let unfinished = record == DeleteRecord::Known && state.unlink_pending(&n);
             let (s, n2) = (store.clone(), n.clone());
+            // Before the unlink too, so that a read racing it rarely finds
+            // a copy of a file already gone from the disk.
+            cache.forget(&n);
             let removed = blocking(move || s.remove(&n2)).await;
-            // After the unlink, whatever came of it: no copy may outlive the file.
+            // After the unlink, whatever came of it: no copy may outlive the
+            // file (one admitted since the first forget included).
             cache.forget(&n);
             let existed = removed??;
             if record == DeleteRecord::New || unfinished {
@@ -521,7 +525,7 @@ impl Api {
     async fn status(&self) -> Result<Response<Body>, Error> {
         let state = self.state.clone();
         let stats = self.stats.clone();
-        let queues = blocking(move || state.queues(|n| stats.position(n))).await??;
+        let queues = blocking(move || state.queues(|n| stats.log_position(n))).await??;
         let now = crate::state::unix_now();
         let mut map = serde_json::Map::new();
         for q in queues {
