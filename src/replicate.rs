@@ -50,15 +50,16 @@ impl From<String> for Failure {
 /// Whether an answer refuses this operation rather than any operation: a
 /// body that does not match its hash or a name the neighbour's rules refuse
 /// (400), a reserved name (405), over its `--max-size` (413), a name too
-/// long for it (414). Anything else (401, 403 or 404 from a proxy, 407,
-/// 5xx) may be about every request and is waited out.
+/// long for it (414, or 431: the name is the part of the head that
+/// varies). Anything else (401, 403 or 404 from a proxy, 407, 5xx) may be
+/// about every request and is waited out.
 fn refuses_this_one(status: u16) -> bool {
-    matches!(status, 400 | 405 | 413 | 414)
+    matches!(status, 400 | 405 | 413 | 414 | 431)
 }
 
 /// Files a catch-up pass keeps aside when the neighbour refuses them, to
-/// try again once the rest went through; more end the pass, to be made
-/// again after a pause.
+/// try again once the rest went through; beyond that the pass goes on
+/// without keeping them, and is made again after a pause.
 const REFUSED_KEPT: usize = 1024;
 
 /// Longest pause between catch-up passes that keep ending short.
@@ -201,6 +202,9 @@ impl Sender {
                 Ok(None) => break None,
                 Ok(Some(upto)) => {
                     dispatched = upto;
+                    // Owed from now on, as /_status says.
+                    me.stats
+                        .update(&me.neighbour, |s| s.catching_up = Some((0, 0)));
                     let m = me.clone();
                     break Some(Box::pin(async move { m.catch_up().await }));
                 }
@@ -373,12 +377,9 @@ impl Sender {
                 self.offer(&mut pass, Op::catching_up(OpKind::Delete, name), true)
                     .await;
             }
-            if pass.overflow {
-                break;
-            }
             after = Some(last);
         }
-        if complete && !pass.overflow {
+        if complete {
             let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(1024);
             let store = self.store.clone();
             let walk = tokio::task::spawn_blocking(move || {
@@ -387,13 +388,7 @@ impl Sender {
             while let Some(name) = rx.recv().await {
                 self.offer(&mut pass, Op::catching_up(OpKind::Put, name), true)
                     .await;
-                if pass.overflow {
-                    // Too much refused: stop here (the walk stops when
-                    // nobody takes its names) and start over later.
-                    break;
-                }
             }
-            drop(rx);
             match walk.await {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => {
@@ -410,12 +405,14 @@ impl Sender {
             }
         }
         self.settle_all(&mut pass).await;
-        // What the neighbour refused, again, with a growing pause, until
-        // it accepts it (or the pass is made again from the start).
+        // What the neighbour refused, again, with a pause growing up to an
+        // hour (a large file travels whole each time), until it accepts it
+        // (or the pass is made again from the start).
         let mut backoff = self.config.retry_min;
+        let longest = MAX_PASS_PAUSE.max(self.config.retry_max);
         while complete && !pass.overflow && !pass.refused.is_empty() {
             tokio::time::sleep(backoff).await;
-            backoff = next_backoff(backoff, self.config.retry_min, self.config.retry_max);
+            backoff = next_backoff(backoff, self.config.retry_min, longest);
             for op in std::mem::take(&mut pass.refused) {
                 self.offer(&mut pass, op, false).await;
             }
@@ -803,6 +800,18 @@ mod tests {
         assert!(!ok(b"https://files.example.com/", &plain));
         assert!(!ok(b"/login", &plain));
         assert!(!ok(b"", &plain));
+    }
+
+    #[test]
+    fn which_answers_refuse_one_file() {
+        // About this file: its body, its name, its size.
+        for status in [400, 405, 413, 414, 431] {
+            assert!(refuses_this_one(status), "{status}");
+        }
+        // About every request (a token, a proxy, the neighbour's state).
+        for status in [401, 403, 404, 407, 408, 421, 426, 429, 500, 502, 503, 507] {
+            assert!(!refuses_this_one(status), "{status}");
+        }
     }
 
     #[test]

@@ -477,8 +477,8 @@ impl Store {
         Ok(SyncHandle(open_dir_at(self.root_dir.as_fd(), ".")?))
     }
 
-    /// Hand every file in stored form to `each`, depth first, until it
-    /// returns false. Hidden entries (the temporary area among them) and
+    /// Hand every file in stored form whose name a PUT accepts to `each`,
+    /// depth first, until it returns false. Hidden entries (the temporary area among them) and
     /// symbolic links are passed over; so is an entry that vanishes
     /// meanwhile (pruned after a deletion) and, with a warning, a directory
     /// this process may not list (a `lost+found` owned by root). Any other
@@ -517,12 +517,14 @@ impl Store {
                 };
                 if kind.is_dir() {
                     dirs.push(rel);
-                } else if kind.is_file()
-                    && crate::name::content_sha1(&rel).is_some()
-                    && crate::name::check(&rel, crate::name::Purpose::Read).is_ok()
-                    && !each(rel)
-                {
-                    return Ok(());
+                } else if kind.is_file() && crate::name::content_sha1(&rel).is_some() {
+                    // Held to the rules a neighbour's PUT applies (a file
+                    // copied in may sit below a directory no PUT may make).
+                    if let Err(e) = crate::name::check(&rel, crate::name::Purpose::Put) {
+                        tracing::warn!("passing over {rel}: no node would take that name ({e})");
+                    } else if !each(rel) {
+                        return Ok(());
+                    }
                 }
             }
         }

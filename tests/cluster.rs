@@ -786,6 +786,13 @@ fn a_new_log_over_stored_files_sends_them_all() {
         .collect();
     assert!(a.stop().success());
     std::fs::remove_dir_all(a.queue()).unwrap();
+    // Copied in by hand below a directory no PUT may make (it has the
+    // stored form): no neighbour would take it, so it is passed over.
+    let body = b"below a stored-form directory";
+    let odd_dir = format!("d_1_{}", sha1_hex(b"a directory"));
+    let odd = format!("{odd_dir}/x_1_{}.txt", sha1_hex(body));
+    std::fs::create_dir(a.storage().join(&odd_dir)).unwrap();
+    std::fs::write(a.storage().join(&odd), body).unwrap();
     let c = Node::start_on(pc, &node_args(pc, &[], None, &[]));
     a.set_args(node_args(pa, &[pc], None, &[]));
     a.restart();
@@ -797,4 +804,6 @@ fn a_new_log_over_stored_files_sends_them_all() {
         );
     }
     wait_queues_empty(&[&a], REPLICATION_BOUND, "A to C");
+    assert!(c.read_stored(&odd).is_none());
+    assert!(a.stderr_text().contains(&format!("passing over {odd}")));
 }
