@@ -252,11 +252,32 @@ fn a_proxy_that_forwards_whole_bodies_first_still_drains_both_ways() {
     );
 }
 
+/// Read a request head: its first line and its Content-Length (0 when
+/// absent); None when the connection ends first.
+fn read_head(reader: &mut impl std::io::BufRead) -> Option<(String, usize)> {
+    let (mut line, mut first, mut len) = (String::new(), String::new(), 0usize);
+    loop {
+        line.clear();
+        if reader.read_line(&mut line).unwrap_or(0) == 0 {
+            return None;
+        }
+        if first.is_empty() {
+            first = line.clone();
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+        if line == "\r\n" {
+            return Some((first, len));
+        }
+    }
+}
+
 /// A neighbour that answers HEAD slowly (every other time) or with a 200
 /// that is not the file (the other times), and records the PUT bodies it
 /// gets (answered 201).
 fn odd_neighbour() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let bodies = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -268,25 +289,9 @@ fn odd_neighbour() -> (u16, std::sync::Arc<std::sync::Mutex<Vec<Vec<u8>>>>) {
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut writer = conn;
-                let mut line = String::new();
-                let mut first = String::new();
-                let mut len = 0usize;
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if first.is_empty() {
-                        first = line.clone();
-                    }
-                    let l = line.to_ascii_lowercase();
-                    if let Some(v) = l.strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
+                let Some((first, len)) = read_head(&mut reader) else {
+                    return;
+                };
                 if first.starts_with("HEAD") {
                     if i % 2 == 0 {
                         std::thread::sleep(Duration::from_millis(2500));
@@ -330,7 +335,7 @@ fn a_large_file_is_sent_whatever_the_question_before_it_got() {
 fn scripted_neighbour(
     answer: fn(&str) -> String,
 ) -> (u16, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
-    use std::io::{BufRead, BufReader, Read, Write};
+    use std::io::{BufReader, Read, Write};
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = listener.local_addr().unwrap().port();
     let count = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -342,22 +347,9 @@ fn scripted_neighbour(
             std::thread::spawn(move || {
                 let mut reader = BufReader::new(conn.try_clone().unwrap());
                 let mut writer = conn;
-                let (mut line, mut first, mut len) = (String::new(), String::new(), 0usize);
-                loop {
-                    line.clear();
-                    if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                        return;
-                    }
-                    if first.is_empty() {
-                        first = line.clone();
-                    }
-                    if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                        len = v.trim().parse().unwrap_or(0);
-                    }
-                    if line == "\r\n" {
-                        break;
-                    }
-                }
+                let Some((first, len)) = read_head(&mut reader) else {
+                    return;
+                };
                 let mut body = vec![0u8; len];
                 if reader.read_exact(&mut body).is_ok() {
                     seen.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
