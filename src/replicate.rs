@@ -3,7 +3,8 @@
 //! requests in flight, advances the position as answers come back, and
 //! backs off while the neighbour fails. It wakes when the log grows and
 //! never polls. A neighbour that needs operations no longer logged (new,
-//! or dropped and added back) is first sent every deletion and stored file. It never changes files or the deletion log: it only reads
+//! or dropped and added back) is also sent every deletion and stored file.
+//! It never changes files or the deletion log: it only reads
 //! the log and stored files and records positions.
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
@@ -29,8 +30,7 @@ const SAVE_EVERY: Duration = Duration::from_secs(1);
 const SMALL_BODY: u64 = 256 * 1024;
 
 /// Why a neighbour did not accept an operation. `refused`: it answered
-/// about this operation in particular (a 4xx other than 401, 408 and 429:
-/// a body that does not match its hash, over its `--max-size`), so other
+/// about this operation in particular (`refuses_this_one`), so other
 /// operations may well go through.
 #[derive(Debug)]
 struct Failure {
@@ -350,10 +350,11 @@ impl Sender {
     /// Send every deletion logged and every file stored here, each until
     /// the neighbour accepts it, with a window of requests in flight. False
     /// when the deletion log or the storage directory could not be read to
-    /// the end (the whole pass is then made again).
+    /// the end, or more files were refused than are kept aside (the whole
+    /// pass is then made again).
     async fn catch_up(self: &Arc<Self>) -> bool {
         tracing::info!(
-            "{} needs operations no longer logged here (a new neighbour?): sending it every deletion and stored file first",
+            "{} needs operations no longer logged here (a new neighbour?): sending it every deletion and stored file",
             self.neighbour
         );
         self.stats

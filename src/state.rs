@@ -271,7 +271,7 @@ impl State {
                     // A new log over files it does not cover (copied in,
                     // left by the original tool, a new --queue): as if one
                     // operation for all of them had been logged and trimmed,
-                    // so that every neighbour is first sent everything.
+                    // so that every neighbour is sent everything.
                     None if storage_has_files() => {
                         meta.insert(NEXT_SEQ, 2).map_err(db_err)?;
                         2

@@ -27,21 +27,17 @@ pub fn no_cache<'a>(
     cache_control: impl Iterator<Item = &'a str>,
     pragma: impl Iterator<Item = &'a str>,
 ) -> bool {
-    let has = |values: &mut dyn Iterator<Item = &'a str>| -> Option<bool> {
-        let mut any = None;
-        for v in values {
-            let found = split_list(v).any(|d| {
-                let directive = d.split_once('=').map_or(d, |(k, _)| k).trim();
-                directive.eq_ignore_ascii_case("no-cache")
-            });
-            any = Some(any.unwrap_or(false) || found);
-        }
-        any
+    let says_no_cache = |value: &str| {
+        split_list(value).any(|d| {
+            let directive = d.split_once('=').map_or(d, |(k, _)| k).trim();
+            directive.eq_ignore_ascii_case("no-cache")
+        })
     };
-    let mut cache_control = cache_control;
-    match has(&mut cache_control) {
-        Some(found) => found,
-        None => has(&mut pragma.into_iter()).unwrap_or(false),
+    let mut cache_control = cache_control.peekable();
+    if cache_control.peek().is_none() {
+        pragma.into_iter().any(says_no_cache)
+    } else {
+        cache_control.any(says_no_cache)
     }
 }
 
