@@ -407,7 +407,9 @@ fn a_redirect_elsewhere_is_not_taken_for_having_the_file() {
 
 /// `strace` attached to every thread of `pid`, delaying each `syncfs` by
 /// `delay_us`; stopped (by its pid) when dropped.
-struct SlowSyncs(std::process::Child);
+struct SlowSyncs {
+    _strace: KillOnDrop,
+}
 
 impl SlowSyncs {
     fn attach(pid: u32, delay_us: u32) -> SlowSyncs {
@@ -422,7 +424,9 @@ impl SlowSyncs {
             .args(["-p", &pid.to_string()])
             .spawn()
             .expect("strace is needed for this test (.ci/run installs it)");
-        let slow = SlowSyncs(child);
+        let slow = SlowSyncs {
+            _strace: KillOnDrop(child),
+        };
         // Attached once every thread of the node has a tracer.
         let traced = || {
             let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
@@ -440,13 +444,6 @@ impl SlowSyncs {
             "strace did not attach to {pid} (is ptrace allowed here?)"
         );
         slow
-    }
-}
-
-impl Drop for SlowSyncs {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
     }
 }
 

@@ -430,7 +430,13 @@ fn walk(base: &Path, dir: &Path, out: &mut Vec<String>, skip_tmp: bool) {
         if skip_tmp && dir == base && entry.file_name() == ".tmp" {
             continue;
         }
-        let meta = fs::symlink_metadata(&path).expect("symlink_metadata");
+        // A node still running may remove it (or prune its directory)
+        // between the listing and this look.
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => panic!("symlink_metadata {}: {e}", path.display()),
+        };
         if meta.is_dir() {
             walk(base, &path, out, skip_tmp);
         } else {
@@ -1181,3 +1187,13 @@ pub fn assert_error_body(resp: &Response, what: &str) {
 // Multi-node helpers and the fault-injecting proxy (replication tests).
 pub mod cluster;
 pub mod proxy;
+
+/// Kills the process it holds (by its pid) when dropped, also when a test fails.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
