@@ -250,14 +250,28 @@ impl Store {
     /// `openat2` of a stored name for reading, beneath the root without
     /// symlinks, plus `extra` resolve flags.
     fn open_for_read(&self, name: &str, extra: ResolveFlags) -> rustix::io::Result<OwnedFd> {
-        openat2(
+        // NONBLOCK: opening a FIFO someone left in the directory must not hang.
+        let flags = OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        // NOATIME: the first read of a new file would otherwise dirty its
+        // inode (relatime), one more journal write per replicated file. Only
+        // the file's owner may ask; a file placed by another user is opened
+        // without it.
+        match openat2(
             &self.root_dir,
             name,
-            // NONBLOCK: opening a FIFO someone left in the directory must not hang.
-            OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK,
+            flags | OFlags::NOATIME,
             Mode::empty(),
             beneath() | extra,
-        )
+        ) {
+            Err(rustix::io::Errno::PERM) => openat2(
+                &self.root_dir,
+                name,
+                flags,
+                Mode::empty(),
+                beneath() | extra,
+            ),
+            opened => opened,
+        }
     }
 
     /// Open a stored file for reading: None when the name is not a regular

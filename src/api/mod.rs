@@ -322,7 +322,12 @@ impl Api {
                     // under this lock), unless that unlink failed.
                     match self.store.open_cached(&name, 0) {
                         Cached::Found(_) if !self.state.unlink_pending(&name) => Some(Ok(())),
-                        Cached::Missing if small => None,
+                        // A small body is cheaper to take than a trip to the
+                        // blocking pool; the ingest then answers 302 or 409
+                        // from the disk and the deletion log all the same.
+                        // (A name never looked up has no cached entry, so a
+                        // new copy usually lands here as WouldBlock.)
+                        Cached::Missing | Cached::WouldBlock if small => None,
                         Cached::Found(_) | Cached::Missing | Cached::WouldBlock => {
                             let (store, state, n) =
                                 (self.store.clone(), self.state.clone(), name.clone());
