@@ -7,7 +7,8 @@ One command, from the repository root:
 
 It builds the release binary, runs the reference harness (cockatiel against
 nginx in one run, as ratios; `../shared/bench/run` or $COCKATIEL_REFERENCE_BENCH)
-with --repeat 3, then what the disk allows without any server
+with --repeat 3, its replicate scenario once more with the storage on tmpfs
+(where a flush costs nothing), then what the disk allows without any server
 (examples/disk_limit.rs and a durable `dd`, on a fresh loop-mounted ext4),
 then the start-up scenario of this project (a node holding
 1,000,000 files, 100,000 deletion-log entries and 100,000 queued operations,
@@ -37,6 +38,9 @@ DISK_LIMIT = os.path.join(ROOT, "target", "release", "examples", "disk_limit")
 # The core the reference harness pins its servers to (its --server-cpu default).
 SERVER_CPU = 1
 DEFAULT_REFERENCE = os.path.join(os.path.dirname(ROOT), "shared", "bench", "run")
+
+# Issue 4's replicate target, files/s drained per neighbour.
+REPLICATE_TARGET = 3000
 
 # (scenario, figure key, label, higher is better)
 FIGURES = [
@@ -95,7 +99,7 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   async thread, the small body read and dropped so the connection stays:
   3,100 → 4,169 files/s on tmpfs (10,000 files, 3 runs each in one harness
   run), 0.32–0.35 → 0.23–0.25 ms CPU per file; on loop ext4 1,512 → 1,586.
-  On loop ext4 the bound is the chain of flushes: instrumented rounds took
+  An earlier reading put the bound on the chain of flushes: instrumented rounds took
   `syncfs` 2.4–2.7 ms at the median (p90 3.2–3.5 ms) with both nodes
   flushing, against 1.25 ms for one, with about 6 uploads per round. Each
   upload waits for the flush of its round and of the next (content before
@@ -132,14 +136,39 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   carries I/O completions and wake-ups, and 3% notifying the virtual
   disk, `iowrite16`), 27% user space in the async workers, 8% in the
   state database, 5% malloc.
-  So replicate at 16 clients is bounded by the chain of two ordered
-  flushes (content before name, name before 201) on a disk that both
-  nodes share, plus one core that both nodes and the kernel's I/O share.
-  The disk alone, placed as the harness places the nodes (one file system,
-  the server core; run of 2026-11-27 21:47), allowed 3,494 (shared_syncfs)
-  to 4,184 (per_file) files/s: 3,000 is within what the disk allows, and
-  what cockatiel does per file besides the flushes (four HTTP exchanges,
-  two state commits, hashing, on that same core) is the rest of the gap.
+  Measured again on 2026-11-27 (23:00–23:30), with a script that places
+  the nodes as the harness does (one loop ext4, both on CPU 1, 16 curl
+  clients on CPU 0, 2,000 files) and reads CPU 1's busy share during the
+  upload phase: A alone (its neighbour down) uploaded 2,200–2,650 files/s
+  with the core 84–86% busy; with B running, 1,500–1,700 files/s with the
+  core 91–95% busy, about 0.58 ms of the core per file. With B moved to
+  CPU 0 (beside curl) A made 1,920. With the storage on tmpfs the pair made
+  3,300–3,400 files/s with the core 97–98% busy. perf on CPU 1 (loop ext4,
+  both nodes): async workers 49%, the ingest threads 23%, the state
+  writers 13%, kernel threads (block completions, flush workers, softirq)
+  11%; 60% of all samples in the kernel, TCP on loopback the largest part.
+  So in the harness's placement replicate is bound by the one core, not by
+  the disk's flush rate: the table "Replicate: what the one core allows"
+  above measures the kernel's work for two durable small files with no
+  server at all (disk_limit pair) and finds it takes most of the 0.333 ms
+  per file that 3,000 files/s leaves, while what cockatiel does besides
+  (four HTTP exchanges, two hashes, two state commits, on the same core)
+  costs more than the rest even on tmpfs, where flushes are free (that
+  figure includes tmpfs's own small file work). Nodes on machines of their
+  own, as in production, each have a core to themselves.
+  Found and kept in that session: a copy arriving at a node that lacks it
+  had no cached directory entry, so its quick look went to the blocking
+  pool (a thread hop, a read transaction, a second open) before the body
+  was taken anyway; a small copy now goes straight to the ingest, which
+  answers 302 or 409 all the same (0.287–0.340 → 0.260–0.292 ms of CPU per
+  file on tmpfs). Stored files are opened with O_NOATIME: the sender's
+  first read of a new file dirtied its inode under relatime, a journal
+  write per file on each node (three interleaved pairs on loop ext4:
+  1,537–1,685 against 1,425–1,470 files/s). Tried and dropped: spacing the
+  receiving node's rounds of copies at least 2 or 4 ms apart, so that the
+  two nodes' flushes collide less (harness A/B, 3 each: 1,337 and 1,218
+  against 1,385 files/s drained); putting the state database on tmpfs
+  (a measurement only: +17–19% for A alone).
 - big PUT: one core hashes (SHA-1, ~30% of samples) and copies into the
   page cache (~44%) while writeback runs. How it compares with the durable
   `dd` above depends on the disk's moment: in the runs of 2026-11-27
@@ -243,6 +272,30 @@ def startup_case(workdir, files, deletions, queued, log):
     return results
 
 
+def core_busy_ms(cpu):
+    """Milliseconds CPU `cpu` has spent busy (anything but idle and iowait)."""
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith(f"cpu{cpu} "):
+                ticks = [int(x) for x in line.split()[1:]]
+                busy = sum(ticks) - ticks[3] - ticks[4]
+                return busy * 1000 / os.sysconf("SC_CLK_TCK")
+    raise RuntimeError(f"no cpu{cpu} in /proc/stat")
+
+
+def replicate_core_ms(result):
+    """Median over a harness result's replicate runs of the server core's busy
+    time per drained file, in ms, and the median files/s."""
+    runs = result.get("results", {}).get("replicate", {}).get("cockatiel", {}).get("runs", [])
+    per_file = sorted(r["cpu"]["server_core_busy_pct"] / 100 * r["cpu"]["wall_s"] * 1000 / r["files"]
+                      for r in runs if r.get("cpu", {}).get("server_core_busy_pct") is not None)
+    rates = sorted(r["files_per_s"] for r in runs)
+    if not per_file:
+        return None
+    return {"core_ms_per_file": per_file[len(per_file) // 2], "files_per_s": rates[len(rates) // 2],
+            "runs_core_ms_per_file": per_file}
+
+
 def disk_limits(log, quick):
     """What the disk allows, without any server: the durability steps of a
     small upload (disk_limit) at put_small's concurrency, at replicate's as
@@ -273,17 +326,28 @@ def disk_limits(log, quick):
                            check=True, capture_output=True, text=True)
         out["small_32"] = json.loads(r.stdout)["files_per_s"]
         # Replicate: both nodes make every file durable at the same time, on
-        # one file system and one core, as the harness places them.
-        procs = [subprocess.Popen(pin + [DISK_LIMIT, os.path.join(mnts[1], f"t16{n}"), "16", secs],
-                                  stdout=subprocess.PIPE, text=True) for n in "ab"]
-        pair = []
-        for p in procs:
-            stdout, _ = p.communicate()
-            if p.returncode != 0:
-                raise RuntimeError(f"disk_limit exited with {p.returncode}")
-            pair.append(json.loads(stdout)["files_per_s"])
-        # The pair is as fast as its slower member, for each way of flushing.
-        out["small_16_pair"] = {k: min(x[k] for x in pair) for k in pair[0]}
+        # one file system and one core, as the harness places them. Each way
+        # of flushing runs on its own, so that the core's busy time can be
+        # divided by the files written: what the kernel's part of a durable
+        # small file costs that core with no server at all.
+        pair, core_ms = {}, {}
+        for mode in ("per_file", "shared_syncfs"):
+            before = core_busy_ms(SERVER_CPU)
+            procs = [subprocess.Popen(pin + [DISK_LIMIT, os.path.join(mnts[1], f"t16{n}"), "16", secs,
+                                             "4096", mode], stdout=subprocess.PIPE, text=True)
+                     for n in "ab"]
+            runs = []
+            for p in procs:
+                stdout, _ = p.communicate()
+                if p.returncode != 0:
+                    raise RuntimeError(f"disk_limit exited with {p.returncode}")
+                runs.append(json.loads(stdout))
+            busy = core_busy_ms(SERVER_CPU) - before
+            # The pair is as fast as its slower member.
+            pair[mode] = min(r["files_per_s"][mode] for r in runs)
+            core_ms[mode] = busy / sum(r["files"][mode] for r in runs)
+        out["small_16_pair"] = pair
+        out["core_ms_per_durable_file"] = core_ms
         # The best of three: the limit is what the disk can do at its best.
         rates = []
         for i in range(3):
@@ -328,7 +392,7 @@ def fmt(v):
 
 
 
-def write_report(path, ref, ref_cmd, limits, startup, started, argv):
+def write_report(path, ref, ref_cmd, limits, startup, started, argv, tmpfs):
     lines = [
         "# Benchmarks",
         "",
@@ -414,6 +478,43 @@ def write_report(path, ref, ref_cmd, limits, startup, started, argv):
             f"| {ratio(big_c, limits['dd_mb_per_s'])} | {ratio(limits['dd_mb_per_s'], big_n)} |",
             "",
         ]
+    ext4 = replicate_core_ms(ref) if ref is not None else None
+    free = replicate_core_ms(tmpfs[0]) if tmpfs[0] is not None else None
+    if ext4 is not None and free is not None and limits is not None:
+        io = limits["core_ms_per_durable_file"]
+        io2 = {k: 2 * v for k, v in io.items()}
+        budget = 1000 / REPLICATE_TARGET
+        lines += [
+            "## Replicate: what the one core allows",
+            "",
+            "The harness runs nodes A and B on one core, and every file costs that core",
+            "the kernel's work for two durable small files (one on each node) besides",
+            "cockatiel's own work: the upload, the copy to B and B's copy back to A (four",
+            "HTTP exchanges with the client's), two hashes, two state commits. Core time",
+            "per file is the server core's busy share times the time measured, divided by",
+            "the files; it counts everything that ran on that core (kernel threads too).",
+            "The tmpfs runs are the same scenario with the storage on tmpfs, where a",
+            "flush costs nothing:",
+            "",
+            "    " + tmpfs[1],
+            "",
+            "| | files/s | core ms per file |",
+            "|---|---:|---:|",
+            f"| cockatiel replicate, loop ext4 (reference run above) | {fmt(ext4['files_per_s'])} "
+            f"| {ext4['core_ms_per_file']:.3f} |",
+            f"| cockatiel replicate, tmpfs (flushes free) | {fmt(free['files_per_s'])} "
+            f"| {free['core_ms_per_file']:.3f} |",
+            f"| no server: two durable small files, loop ext4 (disk_limit pair above) | "
+            f"| {io2['shared_syncfs']:.3f} shared_syncfs, {io2['per_file']:.3f} per_file |",
+            f"| the target: {REPLICATE_TARGET:,} files/s on one core | {REPLICATE_TARGET:,} "
+            f"| at most {budget:.3f} |",
+            "",
+            "At the target, the kernel's part of two durable files "
+            f"({min(io2.values()):.3f} ms measured without a server) would leave "
+            f"{budget - min(io2.values()):.3f} ms of the core per file for everything "
+            f"else, which costs {free['core_ms_per_file']:.3f} ms with the storage on tmpfs.",
+            "",
+        ]
     if startup is not None:
         e, l = startup["empty"], startup["large"]
         lines += [
@@ -468,6 +569,7 @@ def main():
 
     ref = None
     ref_cmd = ""
+    ref_tmpfs, tmpfs_cmd = None, ""
     if not args.skip_reference:
         if not os.path.exists(args.reference):
             sys.exit(f"reference harness not found at {args.reference} (use --reference or --skip-reference)")
@@ -484,6 +586,17 @@ def main():
         kept = os.path.join(os.path.dirname(args.out), "bench", f"reference-{started:%Y-%m-%d}.json")
         os.makedirs(os.path.dirname(kept), exist_ok=True)
         shutil.copyfile(out, kept)
+        # Replicate once more with the storage on tmpfs, where a flush costs
+        # nothing: what the shared core allows when the disk is free.
+        out_tmpfs = out.replace(".json", "-tmpfs.json")
+        cmd_tmpfs = [args.reference, "--target", f"cockatiel={BIN}", "--scenarios", "replicate",
+                     "--fs", "tmpfs", "--repeat", str(args.repeat), "--out", out_tmpfs]
+        tmpfs_cmd = (" ".join(cmd_tmpfs).replace(ROOT + "/", "")
+                     .replace(os.path.dirname(ROOT) + "/", "../"))
+        subprocess.run(cmd_tmpfs, check=True)
+        with open(out_tmpfs) as f:
+            ref_tmpfs = json.load(f)
+        shutil.copyfile(out_tmpfs, kept.replace(".json", "-tmpfs.json"))
 
     limits = None
     if not args.skip_limits:
@@ -504,7 +617,7 @@ def main():
                 shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps(startup, indent=1))
 
-    write_report(args.out, ref, ref_cmd, limits, startup, started, argv)
+    write_report(args.out, ref, ref_cmd, limits, startup, started, argv, (ref_tmpfs, tmpfs_cmd))
     print(f"wrote {args.out}")
 
 

@@ -5,13 +5,15 @@
 //! one JSON line. `bench/run.py` runs it on a fresh file system next to the
 //! reference harness, so put_small can be compared with what the disk allows.
 //!
-//!     cargo run --release --example disk_limit -- DIR [THREADS] [SECONDS] [SIZE]
+//!     cargo run --release --example disk_limit -- DIR [THREADS] [SECONDS] [SIZE] [MODE]
 //!
 //! Two ways of flushing are measured: `per_file` (each thread its own
 //! fdatasync and directory fsync, which the kernel's journal batches) and
 //! `shared_syncfs` (one thread runs `syncfs` back to back, and each upload
 //! waits for two that started after its write: one before the rename, one
-//! after; what cockatiel's ingest does).
+//! after; what cockatiel's ingest does). MODE (`per_file` or
+//! `shared_syncfs`) measures only that one; the files written in each mode
+//! are printed too, so that a caller can divide the CPU time it measured.
 
 use std::fs::{self, File};
 use std::io::Write;
@@ -44,7 +46,14 @@ impl Flushes {
     }
 }
 
-fn run(root: &Path, threads: usize, secs: f64, size: usize, shared: bool) -> std::io::Result<f64> {
+/// Files made durable and how many per second.
+fn run(
+    root: &Path,
+    threads: usize,
+    secs: f64,
+    size: usize,
+    shared: bool,
+) -> std::io::Result<(u64, f64)> {
     let tmp = root.join(".tmp");
     fs::create_dir_all(&tmp)?;
     let body = vec![b'x'; size];
@@ -125,7 +134,8 @@ fn run(root: &Path, threads: usize, secs: f64, size: usize, shared: bool) -> std
             .map_err(|_| std::io::Error::other("the flusher panicked"))??;
     }
     result?;
-    Ok(total.load(Ordering::Relaxed) as f64 / elapsed)
+    let files = total.load(Ordering::Relaxed);
+    Ok((files, files as f64 / elapsed))
 }
 
 fn main() {
@@ -137,11 +147,18 @@ fn main() {
     let threads = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(32);
     let secs = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(3.0);
     let size = args.get(3).and_then(|s| s.parse().ok()).unwrap_or(4096);
-    let mut out = Vec::new();
+    let only = args.get(4).map(String::as_str);
+    let (mut out, mut counts) = (Vec::new(), Vec::new());
     for (label, shared) in [("per_file", false), ("shared_syncfs", true)] {
+        if only.is_some_and(|o| o != label) {
+            continue;
+        }
         let root = dir.join(label);
         match run(&root, threads, secs, size, shared) {
-            Ok(rate) => out.push(format!("\"{label}\": {rate:.0}")),
+            Ok((files, rate)) => {
+                out.push(format!("\"{label}\": {rate:.0}"));
+                counts.push(format!("\"{label}\": {files}"));
+            }
             Err(e) => {
                 eprintln!("disk_limit {label}: {e}");
                 std::process::exit(1);
@@ -150,8 +167,13 @@ fn main() {
         // Leave the file system as empty as it was for the next mode.
         let _ = fs::remove_dir_all(&root);
     }
+    if out.is_empty() {
+        eprintln!("disk_limit: MODE is per_file or shared_syncfs");
+        std::process::exit(2);
+    }
     println!(
-        "{{\"threads\": {threads}, \"size\": {size}, \"files_per_s\": {{{}}}}}",
-        out.join(", ")
+        "{{\"threads\": {threads}, \"size\": {size}, \"files_per_s\": {{{}}}, \"files\": {{{}}}}}",
+        out.join(", "),
+        counts.join(", ")
     );
 }
