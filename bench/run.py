@@ -392,7 +392,7 @@ def fmt(v):
 
 
 
-def write_report(path, ref, ref_cmd, limits, startup, started, argv, tmpfs):
+def write_report(path, ref, ref_cmd, limits, startup, started, argv, tmpfs, big4g):
     lines = [
         "# Benchmarks",
         "",
@@ -478,6 +478,25 @@ def write_report(path, ref, ref_cmd, limits, startup, started, argv, tmpfs):
             f"| {ratio(big_c, limits['dd_mb_per_s'])} | {ratio(limits['dd_mb_per_s'], big_n)} |",
             "",
         ]
+    big_1g = (ref or {}).get("results", {}).get("big", {}).get("cockatiel", {}).get("median")
+    big_xl = (big4g[0] or {}).get("results", {}).get("big", {}).get("cockatiel", {}).get("median")
+    if big_1g and big_xl:
+        def size(result):
+            mib = result.get("config", {}).get("big_mib")
+            return f"{mib / 1024:g} GiB" if mib else "?"
+        lines += [
+            f"## Big files: {size(ref)} against {size(big4g[0])}",
+            "",
+            "    " + big4g[1],
+            "",
+            f"| figure | {size(ref)} (reference run) | {size(big4g[0])} | ratio |",
+            "|---|---:|---:|---:|",
+        ]
+        for key, label in [("peak_rss_mib", "peak RSS MiB"), ("put_mb_per_s", "PUT MB/s"),
+                           ("get_mb_per_s", "GET MB/s")]:
+            a, b = big_1g.get(key), big_xl.get(key)
+            lines.append(f"| {label} | {fmt(a)} | {fmt(b)} | {f'{b / a:.2f}' if a and b else ''} |")
+        lines.append("")
     ext4 = replicate_core_ms(ref) if ref is not None else None
     free = replicate_core_ms(tmpfs[0]) if tmpfs[0] is not None else None
     if ext4 is not None and free is not None and limits is not None:
@@ -570,6 +589,7 @@ def main():
     ref = None
     ref_cmd = ""
     ref_tmpfs, tmpfs_cmd = None, ""
+    ref_4g, big4g_cmd = None, ""
     if not args.skip_reference:
         if not os.path.exists(args.reference):
             sys.exit(f"reference harness not found at {args.reference} (use --reference or --skip-reference)")
@@ -597,6 +617,17 @@ def main():
         with open(out_tmpfs) as f:
             ref_tmpfs = json.load(f)
         shutil.copyfile(out_tmpfs, kept.replace(".json", "-tmpfs.json"))
+        # The big scenario once more with a 4 GiB file: peak RSS must not
+        # grow with the file's size.
+        out_4g = out.replace(".json", "-big4g.json")
+        cmd_4g = [args.reference, "--target", f"cockatiel={BIN}", "--scenarios", "big",
+                  "--big-mib", "512" if args.quick else "4096", "--out", out_4g]
+        big4g_cmd = (" ".join(cmd_4g).replace(ROOT + "/", "")
+                     .replace(os.path.dirname(ROOT) + "/", "../"))
+        subprocess.run(cmd_4g, check=True)
+        with open(out_4g) as f:
+            ref_4g = json.load(f)
+        shutil.copyfile(out_4g, kept.replace(".json", "-big4g.json"))
 
     limits = None
     if not args.skip_limits:
@@ -617,7 +648,8 @@ def main():
                 shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps(startup, indent=1))
 
-    write_report(args.out, ref, ref_cmd, limits, startup, started, argv, (ref_tmpfs, tmpfs_cmd))
+    write_report(args.out, ref, ref_cmd, limits, startup, started, argv, (ref_tmpfs, tmpfs_cmd),
+                 (ref_4g, big4g_cmd))
     print(f"wrote {args.out}")
 
 
