@@ -586,48 +586,34 @@ def main():
     subprocess.run(["cargo", "build", "--release", "--bins", "--example", "disk_limit"], cwd=ROOT, check=True)
     log = open(os.path.join(tempfile.gettempdir(), "cockatiel-bench-nodes.log"), "w")
 
-    ref = None
-    ref_cmd = ""
-    ref_tmpfs, tmpfs_cmd = None, ""
-    ref_4g, big4g_cmd = None, ""
+    def harness(suffix, extra):
+        """Run the reference harness on cockatiel (and whatever `extra` adds),
+        keep its JSON beside the report, and return (result, command as shown)."""
+        out = os.path.join(tempfile.gettempdir(), f"cockatiel-ref-{started:%Y%m%d-%H%M%S}{suffix}.json")
+        cmd = [args.reference, "--target", f"cockatiel={BIN}"] + extra + ["--out", out]
+        subprocess.run(cmd, check=True)
+        with open(out) as f:
+            result = json.load(f)
+        kept = os.path.join(os.path.dirname(args.out), "bench", f"reference-{started:%Y-%m-%d}{suffix}.json")
+        os.makedirs(os.path.dirname(kept), exist_ok=True)
+        shutil.copyfile(out, kept)
+        shown = " ".join(cmd).replace(ROOT + "/", "").replace(os.path.dirname(ROOT) + "/", "../")
+        return result, shown
+
+    ref, ref_cmd = None, ""
+    tmpfs, big4g = (None, ""), (None, "")
     if not args.skip_reference:
         if not os.path.exists(args.reference):
             sys.exit(f"reference harness not found at {args.reference} (use --reference or --skip-reference)")
-        out = os.path.join(tempfile.gettempdir(), f"cockatiel-ref-{started:%Y%m%d-%H%M%S}.json")
-        cmd = [args.reference, "--target", f"cockatiel={BIN}", "--target", "nginx",
-               "--repeat", str(args.repeat), "--out", out]
-        if args.quick:
-            cmd.append("--quick")
-        ref_cmd = " ".join(cmd).replace(ROOT + "/", "").replace(os.path.dirname(ROOT) + "/", "../")
-        subprocess.run(cmd, check=True)
-        with open(out) as f:
-            ref = json.load(f)
-        # Every figure of the run, kept beside the report.
-        kept = os.path.join(os.path.dirname(args.out), "bench", f"reference-{started:%Y-%m-%d}.json")
-        os.makedirs(os.path.dirname(kept), exist_ok=True)
-        shutil.copyfile(out, kept)
+        ref, ref_cmd = harness("", ["--target", "nginx", "--repeat", str(args.repeat)]
+                               + (["--quick"] if args.quick else []))
         # Replicate once more with the storage on tmpfs, where a flush costs
         # nothing: what the shared core allows when the disk is free.
-        out_tmpfs = out.replace(".json", "-tmpfs.json")
-        cmd_tmpfs = [args.reference, "--target", f"cockatiel={BIN}", "--scenarios", "replicate",
-                     "--fs", "tmpfs", "--repeat", str(args.repeat), "--out", out_tmpfs]
-        tmpfs_cmd = (" ".join(cmd_tmpfs).replace(ROOT + "/", "")
-                     .replace(os.path.dirname(ROOT) + "/", "../"))
-        subprocess.run(cmd_tmpfs, check=True)
-        with open(out_tmpfs) as f:
-            ref_tmpfs = json.load(f)
-        shutil.copyfile(out_tmpfs, kept.replace(".json", "-tmpfs.json"))
+        tmpfs = harness("-tmpfs", ["--scenarios", "replicate", "--fs", "tmpfs",
+                                   "--repeat", str(args.repeat)])
         # The big scenario once more with a 4 GiB file: peak RSS must not
         # grow with the file's size.
-        out_4g = out.replace(".json", "-big4g.json")
-        cmd_4g = [args.reference, "--target", f"cockatiel={BIN}", "--scenarios", "big",
-                  "--big-mib", "512" if args.quick else "4096", "--out", out_4g]
-        big4g_cmd = (" ".join(cmd_4g).replace(ROOT + "/", "")
-                     .replace(os.path.dirname(ROOT) + "/", "../"))
-        subprocess.run(cmd_4g, check=True)
-        with open(out_4g) as f:
-            ref_4g = json.load(f)
-        shutil.copyfile(out_4g, kept.replace(".json", "-big4g.json"))
+        big4g = harness("-big4g", ["--scenarios", "big", "--big-mib", "512" if args.quick else "4096"])
 
     limits = None
     if not args.skip_limits:
@@ -648,8 +634,7 @@ def main():
                 shutil.rmtree(workdir, ignore_errors=True)
         print(json.dumps(startup, indent=1))
 
-    write_report(args.out, ref, ref_cmd, limits, startup, started, argv, (ref_tmpfs, tmpfs_cmd),
-                 (ref_4g, big4g_cmd))
+    write_report(args.out, ref, ref_cmd, limits, startup, started, argv, tmpfs, big4g)
     print(f"wrote {args.out}")
 
 
