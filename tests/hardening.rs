@@ -1810,3 +1810,48 @@ fn a_full_state_disk_gets_507_and_the_node_recovers_without_a_restart() {
     node.kill9();
     drop(mount);
 }
+
+// ---------------------------------------------------------------------------
+// Files owned by another user
+// ---------------------------------------------------------------------------
+
+/// A node running as an unprivileged user serves files placed by hand that
+/// another user owns (readable to all), whole, as HEAD and as a range, and
+/// its own uploads beside them. Stored files are opened without updating
+/// their access time, which only their owner may ask for; the node must
+/// fall back to a plain open for the others.
+#[test]
+fn files_owned_by_another_user_are_served() {
+    assert!(
+        is_root(),
+        "this test starts the node as user nobody (65534) and needs root"
+    );
+    let node = Node::start_as(65534, &[]);
+    let body = b"placed by root, readable to all\n".to_vec();
+    let placed = node.storage().join("by-root.txt");
+    fs::write(&placed, &body).expect("place a file as root");
+    let meta = fs::metadata(&placed).expect("stat the placed file");
+    assert_eq!(std::os::unix::fs::MetadataExt::uid(&meta), 0);
+
+    for _ in 0..2 {
+        // Twice: the second read may come from the node's memory.
+        let r = node.get("/by-root.txt");
+        assert_eq!(r.status, 200, "{}", r.describe());
+        assert_eq!(r.body, body);
+    }
+    let r = node.head("/by-root.txt");
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(
+        r.header("content-length").as_deref(),
+        Some(body.len().to_string().as_str())
+    );
+    let r = node.req("GET", "/by-root.txt", &[("Range", "bytes=0-5")], b"");
+    assert_eq!(r.status, 206, "{}", r.describe());
+    assert_eq!(r.body, &body[..6]);
+
+    let own = b"uploaded to the node running as nobody".to_vec();
+    let loc = node.put_ok("/own.txt", &own);
+    let r = node.get(&loc);
+    assert_eq!(r.status, 200, "{}", r.describe());
+    assert_eq!(r.body, own);
+}

@@ -34,6 +34,7 @@ impl Node {
             args: extra.to_vec(),
             root,
             starts: 0,
+            run_as: None,
         }
     }
 

@@ -59,6 +59,8 @@ pub struct Node {
     args: Vec<String>,
     root: tempfile::TempDir,
     starts: usize,
+    /// Run the process as this user id (and the same group id).
+    run_as: Option<u32>,
 }
 
 enum StartError {
@@ -90,6 +92,7 @@ impl Node {
             args: extra.iter().map(|s| s.to_string()).collect(),
             root,
             starts: 0,
+            run_as: None,
         };
         let mut last = String::new();
         for _attempt in 0..5 {
@@ -115,6 +118,30 @@ impl Node {
             node.command_args(),
             node.stderr_text()
         );
+    }
+
+    /// Start a node running as user and group `uid` (the test must run as
+    /// root), its directories open to that user.
+    pub fn start_as(uid: u32, extra: &[&str]) -> Node {
+        use std::os::unix::fs::PermissionsExt;
+        let root = Node::new_root();
+        for (dir, mode) in [
+            (root.path().to_path_buf(), 0o755),
+            (root.path().join("storage"), 0o777),
+            (root.path().join("queue"), 0o777),
+        ] {
+            fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).expect("chmod test dir");
+        }
+        let mut node = Node {
+            child: None,
+            port: free_port(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            root,
+            starts: 0,
+            run_as: Some(uid),
+        };
+        node.restart();
+        node
     }
 
     /// Start the process again on the same directories and port.
@@ -186,7 +213,12 @@ impl Node {
             self.command_args()
         )
         .expect("write stderr log");
-        let child = Command::new(env!("CARGO_BIN_EXE_cockatiel"))
+        let mut command = Command::new(env!("CARGO_BIN_EXE_cockatiel"));
+        if let Some(id) = self.run_as {
+            use std::os::unix::process::CommandExt;
+            command.uid(id).gid(id);
+        }
+        let child = command
             .args(self.command_args())
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log"))
