@@ -143,10 +143,10 @@ WHERE_THE_TIME_GOES = """## Where the time goes (perf, strace, instrumented runs
   with the core 84–86% busy; with B running, 1,500–1,700 files/s with the
   core 91–95% busy, about 0.58 ms of the core per file. With B moved to
   CPU 0 (beside curl) A made 1,920. With the storage on tmpfs the pair made
-  3,300–3,400 files/s with the core 97–98% busy. perf on CPU 1 (loop ext4,
+  3,270–3,630 files/s with the core 97–98% busy (in the runs where it was read). perf on CPU 1 (loop ext4,
   both nodes): async workers 49%, the ingest threads 23%, the state
-  writers 13%, kernel threads (block completions, flush workers, softirq)
-  11%; 60% of all samples in the kernel, TCP on loopback the largest part.
+  writers 13%, kernel threads (block completions, flush workers, softirq,
+  journal) 14%; 60% of all samples in the kernel, TCP on loopback the largest part.
   So in the harness's placement replicate is bound by the one core, not by
   the disk's flush rate: the table "Replicate: what the one core allows"
   above measures the kernel's work for two durable small files with no
