@@ -124,22 +124,16 @@ impl Node {
     /// root), its directories open to that user.
     pub fn start_as(uid: u32, extra: &[&str]) -> Node {
         use std::os::unix::fs::PermissionsExt;
-        let root = Node::new_root();
+        let args: Vec<String> = extra.iter().map(|s| s.to_string()).collect();
+        let mut node = Node::prepare(free_port(), &args);
+        node.run_as = Some(uid);
         for (dir, mode) in [
-            (root.path().to_path_buf(), 0o755),
-            (root.path().join("storage"), 0o777),
-            (root.path().join("queue"), 0o777),
+            (node.root.path().to_path_buf(), 0o755),
+            (node.storage(), 0o777),
+            (node.queue(), 0o777),
         ] {
             fs::set_permissions(&dir, fs::Permissions::from_mode(mode)).expect("chmod test dir");
         }
-        let mut node = Node {
-            child: None,
-            port: free_port(),
-            args: extra.iter().map(|s| s.to_string()).collect(),
-            root,
-            starts: 0,
-            run_as: Some(uid),
-        };
         node.restart();
         node
     }
